@@ -1,0 +1,311 @@
+"""Command line: argv -> validated settings -> the search, leaderboard and other commands.
+
+Exit codes: 0 done, 1 a runtime error (data, storage, failed search), 2 bad arguments,
+130 interrupted with Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from . import study as st
+
+SUBCOMMANDS = ("search", "leaderboard")
+EXIT_RUNTIME, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+
+
+class UsageError(Exception):
+    """A bad argument value found after parsing (exit 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One clear line instead of argparse's usage dump.
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _int_at_least(lo: int) -> Callable[[str], int]:
+    def parse(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {v}")
+        return v
+
+    return parse
+
+
+def _cv(s: str) -> int:
+    v = _int_at_least(0)(s)
+    if v == 1:
+        raise argparse.ArgumentTypeError("K-fold needs at least 2 folds (0 = holdout split)")
+    return v
+
+
+def _positive_float(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
+    if not (v > 0 and math.isfinite(v)):
+        raise argparse.ArgumentTypeError(f"must be > 0, got {s}")
+    return v
+
+
+def _study_name(s: str) -> str:
+    try:
+        return st.check_study_name(s)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _storage(s: str) -> str:
+    try:
+        return st.check_storage_url(s)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _add_storage_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("storage")
+    g.add_argument("--study-name", type=_study_name, default="fmnist", help="study name (default: fmnist)")
+    g.add_argument("--results-dir", default="results", help="where runs write (default: ./results)")
+    g.add_argument(
+        "--storage",
+        type=_storage,
+        default=None,
+        help="Optuna storage URL, e.g. postgresql://user:pw@host/db "
+        "(default: sqlite:///<results-dir>/<study-name>/study.db)",
+    )
+
+
+def _add_protocol_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data and protocol (fixed per study)")
+    g.add_argument("--data-dir", default=None, help="directory with the four IDX .gz files "
+                   "(default: $FMNIST_DATA_DIR, Keras' cache, /usr/share/datasets/fashion-mnist, download)")
+    g.add_argument("--epochs", type=_int_at_least(1), default=3, help="epochs per trial (per fold) (default: 3)")
+    g.add_argument("--cv", type=_cv, default=0, help="K-fold cross-validation with K>=2 folds (default: 0 = holdout)")
+    g.add_argument("--val-size", type=_int_at_least(1), default=10_000,
+                   help="holdout validation images (default: 10000 of the 60000)")
+    g.add_argument("--train-subset", type=_int_at_least(20), default=None,
+                   help="use a stratified subset of N training images (quick runs)")
+    g.add_argument("--seed", type=_int_at_least(0), default=0,
+                   help="fixes the split, the sampler and the initial weights (default: 0)")
+    g.add_argument("--space", default=None, help="YAML or JSON file overriding the default search space")
+
+
+def build_parser(command: str) -> argparse.ArgumentParser:
+    """The parser of one sub-command ('search' is the default command)."""
+    prog = "run_search.py" + ("" if command == "search" else f" {command}")
+    if command == "search":
+        p = _Parser(
+            prog=prog,
+            description="Search CNN architectures on Fashion-MNIST with Optuna. Other commands: "
+            "`run_search.py leaderboard --help`.",
+        )
+        g = p.add_argument_group("search")
+        g.add_argument("--trials", type=_int_at_least(1), default=50,
+                       help="finished (complete or pruned) trials wanted in the study in total; "
+                       "rerunning continues up to this count (default: 50)")
+        g.add_argument("--timeout", type=_positive_float, default=None, help="stop starting trials after SECONDS")
+        g.add_argument("--sampler", choices=st.SAMPLERS, default="tpe", help="default: tpe (seeded)")
+        g.add_argument("--pruner", choices=st.PRUNERS, default="hyperband", help="default: hyperband")
+        g.add_argument("--max-failures", type=_int_at_least(1), default=10,
+                       help="stop after this many failed trials in a row (default: 10)")
+        g.add_argument("--top", type=_int_at_least(1), default=10, help="rows of the final table (default: 10)")
+        g.add_argument("--no-progress", action="store_true", help="plain log lines, no live bars")
+        _add_protocol_args(p)
+        _add_storage_args(p)
+        return p
+    if command == "leaderboard":
+        p = _Parser(prog=prog, description="Re-render the leaderboard of a stored study (no training).")
+        p.add_argument("--top", type=_int_at_least(1), default=10, help="rows to show (default: 10)")
+        p.add_argument("--format", choices=("table", "csv", "markdown", "json"), default="table")
+        _add_storage_args(p)
+        return p
+    raise ValueError(command)
+
+
+def _split_command(argv: Sequence[str]) -> tuple[str, list[str]]:
+    if argv and argv[0] in SUBCOMMANDS:
+        return argv[0], list(argv[1:])
+    return "search", list(argv)
+
+
+def _import_tensorflow_quietly() -> None:
+    """Import Keras/TensorFlow with fd 2 muted: its C++ start-up lines can't be silenced otherwise."""
+    import os
+
+    if "keras" in sys.modules or os.environ.get("FMNIST_SEARCH_TF_LOGS"):
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            import keras  # noqa: F401
+            import tensorflow as tf
+
+            # Device discovery prints a CUDA probe error on CPU-only machines: do it now.
+            tf.config.list_physical_devices()
+            tf.get_logger().setLevel("ERROR")  # retracing warnings between trials are noise
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _err(msg: str) -> None:
+    print(f"error: {msg}", file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; return its exit code (never raises for user errors)."""
+    command, rest = _split_command(list(sys.argv[1:] if argv is None else argv))
+    args = build_parser(command).parse_args(rest)
+    try:
+        if command == "search":
+            return cmd_search(args)
+        return cmd_leaderboard(args)
+    except UsageError as e:
+        _err(str(e))
+        return EXIT_USAGE
+
+
+def _storage_url(args: argparse.Namespace) -> str:
+    try:
+        st.study_dir(args.results_dir, args.study_name)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return args.storage or st.default_storage(args.results_dir, args.study_name)
+
+
+def _load_space(args: argparse.Namespace) -> Any:
+    from searchspace.space import SearchSpace, SpaceError, load_space
+
+    if args.space is None:
+        return SearchSpace()
+    try:
+        return load_space(args.space)
+    except SpaceError as e:
+        raise UsageError(str(e)) from None
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    """The search: verify data, open or resume the study, run trials, print the leaderboard."""
+    space = _load_space(args)
+    url = _storage_url(args)
+    _import_tensorflow_quietly()
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    import optuna
+
+    from .data import DataError, load_dataset
+    from .objective import Objective, SearchProtocol, make_folds
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        data = load_dataset(args.data_dir, warn=lambda m: console.print(f"[yellow]warning:[/yellow] {m}"))
+    except DataError as e:
+        _err(str(e))
+        return EXIT_RUNTIME
+    protocol = SearchProtocol(
+        epochs=args.epochs, cv=args.cv, val_size=args.val_size, train_subset=args.train_subset, seed=args.seed
+    )
+    folds = make_folds(data, protocol)
+    stored_protocol = {
+        **protocol.to_dict(),
+        "space": space.to_dict(),
+        "data_sha256": dict(sorted(data.sha256.items())),
+        "num_classes": data.num_classes,
+        "class_names": list(data.class_names),
+    }
+    try:
+        study = st.open_study(
+            url, args.study_name, st.make_sampler(args.sampler, args.seed),
+            st.make_pruner(args.pruner, protocol.steps), stored_protocol,
+        )
+    except st.StudyError as e:
+        _err(str(e))
+        return EXIT_RUNTIME
+    if args.storage is None:
+        # The default local study has one owner: a RUNNING trial is a leftover of a crash.
+        stale = st.fail_stale_trials(study)
+        if stale:
+            console.print(f"[yellow]marked interrupted trial(s) {stale} as failed[/yellow]")
+    done = st.count_finished(study)
+    console.print(
+        f"study [bold]{args.study_name}[/bold] ({st.redact(url)}): {done} of {args.trials} trials finished; "
+        f"{len(folds.splits)} split(s) of {len(folds.y)} images, {protocol.epochs} epoch(s) per trial, "
+        f"sampler {args.sampler}, pruner {args.pruner}, seed {args.seed}",
+        highlight=False,
+    )
+    from .progress import SearchProgress
+
+    sink = SearchProgress(args.trials, done, protocol.steps, console=console)
+    if study.best_trials:
+        sink.set_best(study.best_value)
+    objective = Objective(folds, space, protocol, progress=sink)
+    code = 0
+    try:
+        if args.no_progress:
+            sink.progress.disable = True
+        with sink:
+            st.run_trials(
+                study, objective, args.trials, timeout=args.timeout, callbacks=[sink],
+                max_consecutive_failures=args.max_failures,
+            )
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted: the running trial is marked failed; rerun the same command to continue[/yellow]")
+        code = EXIT_INTERRUPTED
+    except st.StudyError as e:
+        _err(str(e))
+        code = EXIT_RUNTIME
+    _print_leaderboard(study, args.top, console)
+    return code
+
+
+def _print_leaderboard(study: Any, top: int, console: Any) -> None:
+    from rich.console import Console
+
+    from .leaderboard import leaderboard, render_table
+
+    df = leaderboard(study.get_trials(deepcopy=False))
+    Console().print(render_table(df, top=top, title=f"Leaderboard: {study.study_name}"))
+
+
+def cmd_leaderboard(args: argparse.Namespace) -> int:
+    """Re-render a stored study's leaderboard without training."""
+    import optuna
+
+    from .leaderboard import leaderboard, render_table
+
+    url = _storage_url(args)
+    if args.storage is None and not Path(url.split("sqlite:///", 1)[1]).exists():
+        _err(f"no study {args.study_name!r} under {args.results_dir} (nothing at {url})")
+        return EXIT_RUNTIME
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        study = optuna.load_study(study_name=args.study_name, storage=st.make_storage(url))
+    except (KeyError, st.StudyError) as e:
+        _err(f"cannot load study {args.study_name!r}: {e}")
+        return EXIT_RUNTIME
+    df = leaderboard(study.get_trials(deepcopy=False))
+    if args.format == "table":
+        from rich.console import Console
+
+        Console().print(render_table(df, top=args.top, title=f"Leaderboard: {study.study_name}"))
+    elif args.format == "csv":
+        sys.stdout.write(df.head(args.top).to_csv(index=False))
+    elif args.format == "markdown":
+        sys.stdout.write(df.head(args.top).to_markdown(index=False) + "\n")
+    else:
+        sys.stdout.write(df.head(args.top).to_json(orient="records", indent=2) + "\n")
+    return 0

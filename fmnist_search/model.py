@@ -1,0 +1,87 @@
+"""build_cnn: a CnnConfig in, a compiled Keras model out. Nothing else."""
+
+from __future__ import annotations
+
+import keras
+
+from searchspace.config import CnnConfig, validate
+
+
+def _activation(name: str) -> keras.layers.Layer:
+    # Named built-in activations keep the saved model free of custom objects.
+    if name == "leaky_relu":
+        return keras.layers.LeakyReLU()
+    return keras.layers.Activation(name)
+
+
+def make_optimizer(cfg: CnnConfig) -> keras.optimizers.Optimizer:
+    """The optimiser the config names, with its learning rate (and momentum for SGD)."""
+    if cfg.optimizer == "sgd":
+        return keras.optimizers.SGD(learning_rate=cfg.learning_rate, momentum=cfg.momentum)
+    if cfg.optimizer == "rmsprop":
+        return keras.optimizers.RMSprop(learning_rate=cfg.learning_rate)
+    return keras.optimizers.Adam(learning_rate=cfg.learning_rate)
+
+
+def build_cnn(
+    cfg: CnnConfig,
+    num_classes: int = 10,
+    input_shape: tuple[int, int, int] = (28, 28, 1),
+    compile_model: bool = True,
+) -> keras.Model:
+    """Build (and compile) the model `cfg` describes.
+
+    Raises:
+        InvalidConfigError: before any layer is made, when `cfg` can't be built.
+    """
+    validate(cfg, input_shape[0])
+    layers: list[keras.layers.Layer] = [keras.Input(shape=input_shape)]
+    for block in cfg.blocks:
+        for c in block.convs:
+            layers.append(
+                keras.layers.Conv2D(
+                    c.filters,
+                    c.kernel_size,
+                    strides=c.strides,
+                    padding=c.padding,
+                    kernel_initializer=c.kernel_initializer,
+                    # The bias is redundant when BatchNorm follows.
+                    use_bias=not c.batch_norm,
+                )
+            )
+            if c.batch_norm:
+                layers.append(keras.layers.BatchNormalization())
+            layers.append(_activation(c.activation))
+        if block.pool == "max":
+            layers.append(keras.layers.MaxPooling2D(block.pool_size))
+        elif block.pool == "avg":
+            layers.append(keras.layers.AveragePooling2D(block.pool_size))
+        if block.dropout:
+            layers.append(keras.layers.Dropout(block.dropout))
+    layers.append(keras.layers.Flatten())
+    if cfg.flatten_dropout:
+        layers.append(keras.layers.Dropout(cfg.flatten_dropout))
+    for d in cfg.dense:
+        layers.append(keras.layers.Dense(d.units, kernel_initializer=d.kernel_initializer))
+        layers.append(_activation(d.activation))
+        if d.batch_norm:
+            layers.append(keras.layers.BatchNormalization())
+        if d.dropout:
+            layers.append(keras.layers.Dropout(d.dropout))
+    layers.append(keras.layers.Dense(num_classes, activation="softmax"))
+    model = keras.Sequential(layers, name="cnn")
+    if compile_model:
+        model.compile(
+            optimizer=make_optimizer(cfg),
+            loss="sparse_categorical_crossentropy",
+            metrics=["accuracy"],
+        )
+    return model
+
+
+def count_params(cfg: CnnConfig, num_classes: int = 10) -> int:
+    """Trainable plus non-trainable parameters of the model `cfg` describes."""
+    model = build_cnn(cfg, num_classes=num_classes, compile_model=False)
+    n = int(model.count_params())
+    del model
+    return n

@@ -1,0 +1,210 @@
+"""The Optuna objective: one trial = one config trained on a holdout split or K folds."""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import keras
+import numpy as np
+import optuna
+
+from searchspace.config import CnnConfig, InvalidConfigError, validate
+from searchspace.space import SearchSpace
+from searchspace.suggest import suggest_config
+
+from .data import Dataset, holdout_split, kfold_splits, stratified_subset
+from .model import count_params
+from .training import DivergedError, fit_config
+
+
+class TrialFailedError(RuntimeError):
+    """A trial that could not produce a score; its reason is stored as `fail_reason`."""
+
+
+@dataclass(frozen=True)
+class SearchProtocol:
+    """What makes two scores comparable: same data split, folds, epochs and seed."""
+
+    epochs: int = 3
+    cv: int = 0  # 0 = holdout; K >= 2 = stratified K-fold
+    val_size: int = 10_000
+    train_subset: int | None = None
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "epochs": self.epochs,
+            "cv": self.cv,
+            "val_size": self.val_size,
+            "train_subset": self.train_subset,
+            "seed": self.seed,
+        }
+
+    @property
+    def steps(self) -> int:
+        """Number of pruning steps a full trial reports."""
+        return self.epochs * max(1, self.cv)
+
+
+@dataclass
+class Folds:
+    """The search's view of the training images: (train, validation) index pairs.
+
+    The test images are not here: the search never sees them.
+    """
+
+    x: np.ndarray
+    y: np.ndarray
+    splits: list[tuple[np.ndarray, np.ndarray]]
+    num_classes: int
+
+
+def make_folds(data: Dataset, protocol: SearchProtocol) -> Folds:
+    """Apply --train-subset, then the holdout split or the K folds, all seeded."""
+    x, y = data.x_train, data.y_train
+    if protocol.train_subset is not None and protocol.train_subset < len(y):
+        idx = stratified_subset(y, protocol.train_subset, seed=protocol.seed)
+        x, y = x[idx], y[idx]
+    if protocol.cv >= 2:
+        splits = kfold_splits(y, protocol.cv, seed=protocol.seed)
+    else:
+        val_size: int | float = protocol.val_size
+        if protocol.train_subset is not None or val_size > len(y) // 2:
+            # Small or shrunk data: keep the default 1:5 validation share.
+            val_size = min(protocol.val_size, max(1, len(y) // 6))
+        splits = [holdout_split(y, val_size, seed=protocol.seed)]
+    return Folds(x=x, y=y, splits=splits, num_classes=data.num_classes)
+
+
+class ProgressSink(Protocol):
+    """Where an objective sends live progress (the CLI's rich display, or nothing)."""
+
+    def trial_started(self, number: int, cfg: CnnConfig) -> None: ...
+    def epoch_started(self, number: int, step: int, total_steps: int) -> None: ...
+    def batch_done(self, done: int, total: int) -> None: ...
+    def epoch_done(self, number: int, step: int, value: float) -> None: ...
+
+
+class Objective:
+    """Callable for `study.optimize`; returns the validation accuracy (mean over folds)."""
+
+    def __init__(
+        self,
+        folds: Folds,
+        space: SearchSpace,
+        protocol: SearchProtocol,
+        progress: ProgressSink | None = None,
+        config_fn: Callable[[optuna.trial.BaseTrial], CnnConfig] | None = None,
+    ) -> None:
+        self.folds = folds
+        self.space = space
+        self.protocol = protocol
+        self.progress = progress
+        self.config_fn = config_fn or (lambda t: suggest_config(t, space))
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        start = time.perf_counter()
+        cfg = self.config_fn(trial)
+        trial.set_user_attr("config", cfg.to_json())
+        trial.set_user_attr("summary", cfg.summary())
+        try:
+            validate(cfg)
+        except InvalidConfigError as e:
+            trial.set_user_attr("fail_reason", f"invalid config: {e}")
+            raise TrialFailedError(f"invalid config: {e}") from None
+        trial.set_user_attr("params", count_params(cfg, self.folds.num_classes))
+        if self.progress:
+            self.progress.trial_started(trial.number, cfg)
+        try:
+            return self._run(trial, cfg, start)
+        except (optuna.TrialPruned, TrialFailedError):
+            raise
+        except Exception as e:  # OOM, a Keras error...: recorded, and the search goes on
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            trial.set_user_attr("fail_reason", f"{type(e).__name__}: {first}")
+            raise
+        finally:
+            # Keras keeps every graph it built in a global session: without this,
+            # memory grows trial after trial.
+            keras.backend.clear_session(free_memory=True)
+            gc.collect()
+
+    def _run(self, trial: optuna.Trial, cfg: CnnConfig, start: float) -> float:
+        p = self.protocol
+        epochs = p.epochs
+        fold_best: list[float] = []
+        history: list[dict[str, list[float]]] = []
+        epochs_run = 0
+        best_epochs: list[int] = []
+
+        def store(state: str) -> None:
+            trial.set_user_attr("epochs_run", epochs_run)
+            trial.set_user_attr("wall_time", round(time.perf_counter() - start, 3))
+            trial.set_user_attr("history", json.dumps(history))
+            trial.set_user_attr("end", state)
+
+        for f, (tr, va) in enumerate(self.folds.splits):
+            x_tr, y_tr = self.folds.x[tr], self.folds.y[tr]
+            x_va, y_va = self.folds.x[va], self.folds.y[va]
+            fold_hist: dict[str, list[float]] = {}
+            history.append(fold_hist)
+
+            def on_epoch(e: int, logs: dict[str, float], f: int = f) -> None:
+                nonlocal epochs_run
+                epochs_run += 1
+                for k, v in logs.items():
+                    fold_hist.setdefault(k, []).append(round(v, 6))
+                acc = logs.get("val_accuracy", float("nan"))
+                # Running cross-fold score: finished folds' best plus this fold so far,
+                # so every step reports a value on the same scale (optuna #4373, #3203).
+                so_far = max(fold_hist["val_accuracy"])
+                value = (sum(fold_best) + so_far) / (len(fold_best) + 1)
+                step = f * epochs + e + 1
+                if self.progress:
+                    self.progress.epoch_done(trial.number, step, acc)
+                trial.report(value, step)
+                if trial.should_prune():
+                    store("pruned")
+                    trial.set_user_attr("pruned_at_step", step)
+                    raise optuna.TrialPruned(f"pruned at step {step} with {value:.4f}")
+                if self.progress and e + 1 < epochs:
+                    self.progress.epoch_started(trial.number, step + 1, p.steps)
+
+            if self.progress:
+                self.progress.epoch_started(trial.number, f * epochs + 1, p.steps)
+            try:
+                res = fit_config(
+                    cfg,
+                    x_tr,
+                    y_tr,
+                    x_va,
+                    y_va,
+                    epochs=epochs,
+                    # Each trial gets its own, reproducible initial weights.
+                    seed=p.seed * 100_003 + trial.number,
+                    num_classes=self.folds.num_classes,
+                    on_epoch=on_epoch,
+                    on_batch=self.progress.batch_done if self.progress else None,
+                )
+            except DivergedError as e:
+                store("diverged")
+                trial.set_user_attr("fail_reason", f"diverged: {e}")
+                raise TrialFailedError(f"diverged: {e}") from None
+            fold_best.append(res.best_val_accuracy)
+            best_epochs.append(res.best_epoch)
+            del x_tr, y_tr, x_va, y_va
+        store("complete")
+        mean = float(np.mean(fold_best))
+        trial.set_user_attr("fold_scores", [round(s, 6) for s in fold_best])
+        trial.set_user_attr("val_accuracy_std", float(np.std(fold_best)) if len(fold_best) > 1 else 0.0)
+        trial.set_user_attr("best_epoch", int(round(float(np.mean(best_epochs)))))
+        if not math.isfinite(mean):
+            trial.set_user_attr("fail_reason", "no validation score")
+            raise TrialFailedError("no validation score")
+        return mean

@@ -1,0 +1,118 @@
+"""Fit one config on one split, with per-epoch reporting hooks and a NaN guard."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import keras
+import numpy as np
+
+from searchspace.config import CnnConfig
+
+from .model import build_cnn
+
+EpochHook = Callable[[int, dict[str, float]], None]
+BatchHook = Callable[[int, int], None]
+
+
+class DivergedError(RuntimeError):
+    """Training loss became NaN or infinite."""
+
+
+@dataclass
+class FitResult:
+    """What one fit produced."""
+
+    history: dict[str, list[float]] = field(default_factory=dict)
+    best_val_accuracy: float = float("nan")
+    best_epoch: int = 0  # 1-based
+    epochs_run: int = 0
+    wall_time: float = 0.0
+    params: int = 0
+    model: keras.Model | None = None
+
+
+class _Hooks(keras.callbacks.Callback):
+    """Stops at the first non-finite loss and forwards batch/epoch progress."""
+
+    def __init__(self, on_epoch: EpochHook | None, on_batch: BatchHook | None, steps: int):
+        super().__init__()
+        self._on_epoch = on_epoch
+        self._on_batch = on_batch
+        self._steps = steps
+        self._epoch = 0
+
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            raise DivergedError(
+                f"loss became {float(loss)} at epoch {self._epoch + 1}, batch {batch + 1}"
+            )
+        if self._on_batch is not None:
+            self._on_batch(batch + 1, self._steps)
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        if self._on_epoch is not None:
+            self._on_epoch(epoch, {k: float(v) for k, v in (logs or {}).items()})
+
+
+def fit_config(
+    cfg: CnnConfig,
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_val: np.ndarray | None,
+    y_val: np.ndarray | None,
+    *,
+    epochs: int,
+    seed: int,
+    num_classes: int = 10,
+    on_epoch: EpochHook | None = None,
+    on_batch: BatchHook | None = None,
+    callbacks: Sequence[keras.callbacks.Callback] = (),
+    keep_model: bool = False,
+) -> FitResult:
+    """Build `cfg` with weights seeded by `seed`, train it, and return its history.
+
+    `on_epoch(epoch0, logs)` runs after each epoch (logs include val_accuracy when a
+    validation set is given); it may raise `optuna.TrialPruned` to stop the fit.
+    Raises DivergedError on a NaN/inf loss, InvalidConfigError for an unbuildable config.
+    """
+    keras.utils.set_random_seed(seed)
+    model = build_cnn(cfg, num_classes=num_classes, input_shape=tuple(x_train.shape[1:]))
+    steps = math.ceil(len(x_train) / cfg.batch_size)
+    hooks = _Hooks(on_epoch, on_batch, steps)
+    start = time.perf_counter()
+    result = FitResult(params=int(model.count_params()))
+    try:
+        hist = model.fit(
+            x_train,
+            y_train,
+            batch_size=cfg.batch_size,
+            epochs=epochs,
+            validation_data=(x_val, y_val) if x_val is not None else None,
+            callbacks=[hooks, *callbacks],
+            verbose=0,
+            shuffle=True,
+        )
+        result.history = {k: [float(v) for v in vs] for k, vs in hist.history.items()}
+    finally:
+        result.wall_time = time.perf_counter() - start
+        # Keras keeps the history on the model even when a callback raised.
+        h = getattr(model, "history", None)
+        if not result.history and h is not None and getattr(h, "history", None):
+            result.history = {k: [float(v) for v in vs] for k, vs in h.history.items()}
+        if keep_model:
+            result.model = model
+    result.epochs_run = len(result.history.get("loss", []))
+    val = result.history.get("val_accuracy", [])
+    if val:
+        result.best_epoch = int(np.argmax(val)) + 1
+        result.best_val_accuracy = float(val[result.best_epoch - 1])
+    return result

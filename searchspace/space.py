@@ -1,0 +1,172 @@
+"""What can be searched, as plain data, loadable from YAML or JSON."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from .config import ACTIVATIONS, OPTIMIZERS, POOLINGS
+
+
+class SpaceError(ValueError):
+    """A space file that can't be used; the message names the bad key."""
+
+
+@dataclass(frozen=True)
+class IntRange:
+    low: int
+    high: int
+
+
+@dataclass(frozen=True)
+class FloatRange:
+    low: float
+    high: float
+    log: bool = False
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """Ranges (IntRange/FloatRange) and choices (tuples) of the default CNN space.
+
+    Parameter names sampled from it (flat, stable): n_blocks, convs_per_block,
+    filters_b{i}, kernel_b{i}, pooling, activation, batch_norm, conv_dropout,
+    flatten_dropout, dense_layers, dense_units_l{j}, dense_dropout, optimizer,
+    learning_rate, momentum (SGD only), batch_size.
+    """
+
+    n_blocks: IntRange = IntRange(1, 3)
+    convs_per_block: IntRange = IntRange(1, 2)
+    filters: tuple[int, ...] = (16, 32, 48, 64)
+    kernel_size: tuple[int, ...] = (3, 5)
+    pooling: tuple[str, ...] = ("max", "avg")
+    activation: tuple[str, ...] = ("relu", "tanh", "elu", "swish")
+    batch_norm: tuple[bool, ...] = (True, False)
+    conv_dropout: FloatRange = FloatRange(0.0, 0.4)
+    flatten_dropout: FloatRange = FloatRange(0.0, 0.5)
+    dense_layers: IntRange = IntRange(0, 2)
+    dense_units: tuple[int, ...] = (64, 128, 256)
+    dense_dropout: FloatRange = FloatRange(0.0, 0.5)
+    optimizer: tuple[str, ...] = ("adam", "sgd", "rmsprop")
+    learning_rate: FloatRange = FloatRange(1e-4, 1e-2, log=True)
+    momentum: FloatRange = FloatRange(0.5, 0.95)
+    batch_size: tuple[int, ...] = (64, 128, 256)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form, the same shape a space file uses."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, IntRange):
+                out[f.name] = {"low": v.low, "high": v.high}
+            elif isinstance(v, FloatRange):
+                out[f.name] = {"low": v.low, "high": v.high, "log": v.log}
+            else:
+                out[f.name] = list(v)
+        return out
+
+
+# Allowed values of the categorical keys; ints must be positive.
+_ALLOWED: dict[str, tuple[Any, ...]] = {
+    "pooling": POOLINGS,
+    "activation": ACTIVATIONS,
+    "optimizer": OPTIMIZERS,
+    "batch_norm": (True, False),
+}
+_INT_MIN = {"n_blocks": 0, "convs_per_block": 1, "dense_layers": 0}
+_FLOAT_BOUNDS = {
+    "conv_dropout": (0.0, 0.95),
+    "flatten_dropout": (0.0, 0.95),
+    "dense_dropout": (0.0, 0.95),
+    "learning_rate": (1e-7, 10.0),
+    "momentum": (0.0, 0.999),
+}
+
+
+def _parse_value(key: str, default: Any, raw: Any) -> Any:
+    def bad(msg: str) -> SpaceError:
+        return SpaceError(f"space key {key!r}: {msg}")
+
+    if isinstance(default, (IntRange, FloatRange)):
+        if isinstance(raw, (list, tuple)) and len(raw) == 2:
+            raw = {"low": raw[0], "high": raw[1]}
+        if not isinstance(raw, dict) or not {"low", "high"} <= set(raw):
+            raise bad("expected {low: .., high: ..} or [low, high]")
+        unknown = set(raw) - {"low", "high", "log"}
+        if unknown:
+            raise bad(f"unknown field(s) {sorted(unknown)}")
+        lo, hi = raw["low"], raw["high"]
+        if isinstance(default, IntRange):
+            if not all(isinstance(x, int) and not isinstance(x, bool) for x in (lo, hi)):
+                raise bad("low and high must be integers")
+            if lo > hi:
+                raise bad(f"empty range: low {lo} > high {hi}")
+            if lo < _INT_MIN[key]:
+                raise bad(f"low must be >= {_INT_MIN[key]}")
+            return IntRange(lo, hi)
+        if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (lo, hi)):
+            raise bad("low and high must be numbers")
+        lo, hi = float(lo), float(hi)
+        if not (math.isfinite(lo) and math.isfinite(hi)) or lo > hi:
+            raise bad(f"empty range: low {lo} > high {hi}")
+        blo, bhi = _FLOAT_BOUNDS[key]
+        if lo < blo or hi > bhi:
+            raise bad(f"range must lie within [{blo}, {bhi}]")
+        log = bool(raw.get("log", default.log))
+        if log and lo <= 0:
+            raise bad("a log range needs low > 0")
+        return FloatRange(lo, hi, log)
+    # Categorical.
+    if not isinstance(raw, (list, tuple)):
+        raw = [raw]
+    if len(raw) == 0:
+        raise bad("empty list of choices")
+    if len(set(map(repr, raw))) != len(raw):
+        raise bad("duplicate choices")
+    if key in _ALLOWED:
+        wrong = [x for x in raw if x not in _ALLOWED[key] or type(x) is not type(_ALLOWED[key][0])]
+        if wrong:
+            raise bad(f"unknown choice(s) {wrong} (allowed: {list(_ALLOWED[key])})")
+    else:  # filters, kernel_size, dense_units, batch_size: positive integers
+        if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in raw):
+            raise bad("choices must be positive integers")
+    return tuple(raw)
+
+
+def space_from_dict(d: dict[str, Any], base: SearchSpace | None = None) -> SearchSpace:
+    """Override `base` (default space) with the keys of `d`; unknown keys are errors."""
+    base = base or SearchSpace()
+    if not isinstance(d, dict):
+        raise SpaceError("a space file must hold a mapping of parameter names to ranges")
+    names = {f.name for f in fields(SearchSpace)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise SpaceError(
+            f"unknown space key {unknown[0]!r} (known keys: {', '.join(sorted(names))})"
+        )
+    return replace(base, **{k: _parse_value(k, getattr(base, k), v) for k, v in d.items()})
+
+
+def load_space(path: str | Path) -> SearchSpace:
+    """Read a YAML (.yaml/.yml) or JSON space file."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise SpaceError(f"cannot read space file {p}: {e.strerror or e}") from None
+    try:
+        if p.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as e:  # yaml and json raise different types; both mean unparsable
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SpaceError(f"cannot parse space file {p}: {first}") from None
+    if data is None:
+        data = {}
+    return space_from_dict(data)

@@ -1,0 +1,113 @@
+"""The command line: argument errors, data errors, an end-to-end search as a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+from fmnist_search.cli import main
+
+
+def _run(*args: str, cwd: Path = ROOT, timeout: int = 300) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "FMNIST_DATA_DIR": "", "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "run_search.py"), *args],
+        capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout,
+    )
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--trials", "0"],
+        ["--trials", "-3"],
+        ["--trials", "many"],
+        ["--cv", "1"],
+        ["--epochs", "0"],
+        ["--timeout", "-1"],
+        ["--sampler", "annealing"],
+        ["--pruner", "sometimes"],
+        ["--storage", "redis://localhost/0"],
+        ["--study-name", "../escape"],
+        ["--study-name", "a/b"],
+        ["--seed", "-1"],
+        ["--train-subset", "5"],
+        ["leaderboard", "--format", "xml"],
+    ],
+)
+def test_bad_arguments_exit_2_one_line_nothing_written(
+    args: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    results = tmp_path / "results"
+    with pytest.raises(SystemExit) as e:
+        main([*args, "--results-dir", str(results)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "error" in err
+    assert not results.exists()
+
+
+def test_bad_space_file_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    f = tmp_path / "space.yaml"
+    f.write_text("pooling: [max, median]\n")
+    assert main(["--space", str(f), "--results-dir", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "'pooling'" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "r").exists()
+
+
+def test_missing_data_dir_exit_1(tmp_path: Path) -> None:
+    r = _run("--data-dir", str(tmp_path / "nowhere"), "--results-dir", str(tmp_path / "r"))
+    assert r.returncode == 1, r.stderr
+    assert "Traceback" not in r.stderr and "nowhere" in r.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_truncated_data_exit_1_names_file(tmp_path: Path, synthetic_dir: Path) -> None:
+    import shutil
+
+    d = tmp_path / "data"
+    shutil.copytree(synthetic_dir, d)
+    f = d / "train-labels-idx1-ubyte.gz"
+    f.write_bytes(f.read_bytes()[:-20])
+    r = _run("--data-dir", str(d), "--results-dir", str(tmp_path / "r"), "--trials", "1")
+    assert r.returncode == 1
+    assert "train-labels-idx1-ubyte.gz" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_end_to_end_search_resume_and_leaderboard(tmp_path: Path, synthetic_dir: Path) -> None:
+    common = ["--data-dir", str(synthetic_dir), "--results-dir", str(tmp_path / "res"),
+              "--study-name", "e2e", "--epochs", "2", "--seed", "3", "--no-progress"]
+    r = _run("--trials", "3", *common)
+    assert r.returncode == 0, r.stderr
+    assert "Leaderboard" in r.stdout and "complete" in r.stdout
+    assert (tmp_path / "res" / "e2e" / "study.db").exists()
+
+    r = _run("--trials", "4", *common)  # the same command with a larger budget continues
+    assert r.returncode == 0, r.stderr
+    assert "3 of 4 trials finished" in r.stderr
+
+    import optuna
+
+    study = optuna.load_study(study_name="e2e", storage=f"sqlite:///{tmp_path / 'res' / 'e2e' / 'study.db'}")
+    finished = [t for t in study.trials if t.state.is_finished() and t.state.name != "FAIL"]
+    assert len(finished) == 4
+
+    r = _run("--trials", "4", *common[:-1], "--epochs", "3")  # another protocol: refused
+    assert r.returncode == 1 and "epochs" in r.stderr
+
+    lb = ["leaderboard", "--study-name", "e2e", "--results-dir", str(tmp_path / "res")]
+    r = _run(*lb, "--format", "json")
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)
+    assert len(rows) == 4 and rows[0]["rank"] == 1
+    r = _run(*lb, "--format", "csv")
+    assert r.stdout.startswith("rank,trial,")
+    r = _run("leaderboard", "--study-name", "nope", "--results-dir", str(tmp_path / "res"))
+    assert r.returncode == 1 and "no study" in r.stderr

@@ -1,0 +1,56 @@
+"""build_cnn and the baselines built from the seed documents."""
+
+from __future__ import annotations
+
+import pytest
+
+from fmnist_search.model import build_cnn, count_params
+from searchspace import CnnConfig, ConvBlock, ConvLayer, InvalidConfigError
+from searchspace.baselines import BASELINES, BY_NAME
+
+# Documented in the seed documents (or computed by hand where they are silent).
+EXPECTED_PARAMS = {
+    "blog_3conv32": 31_626,
+    "mlm_cnn_sgd": 542_230,
+    "dense128": 101_770,
+    "coursera_2conv64": 243_786,
+    "conv8_dense28": 38_254,
+    "lenet5_tanh": 61_610,
+    "mit_model1": 201_578,
+    "mit_model2_bn": 407_802,
+}
+
+
+@pytest.mark.parametrize("baseline", BASELINES, ids=lambda b: b.name)
+def test_every_baseline_builds_with_its_parameter_count(baseline) -> None:  # type: ignore[no-untyped-def]
+    model = build_cnn(baseline.config)
+    assert model.count_params() == EXPECTED_PARAMS[baseline.name]
+    if baseline.documented_params is not None:
+        assert model.count_params() == baseline.documented_params
+    assert model.output_shape == (None, 10)
+
+
+def test_lenet_uses_tanh_and_average_pooling() -> None:
+    model = build_cnn(BY_NAME["lenet5_tanh"].config)
+    kinds = [type(layer).__name__ for layer in model.layers]
+    assert kinds.count("AveragePooling2D") == 2
+    assert "MaxPooling2D" not in kinds
+
+
+def test_build_is_pure() -> None:
+    cfg = BY_NAME["coursera_2conv64"].config
+    a, b = build_cnn(cfg), build_cnn(cfg)
+    assert a is not b and a.count_params() == b.count_params()
+    assert cfg == BY_NAME["coursera_2conv64"].config
+
+
+def test_num_classes_and_uncompiled() -> None:
+    m = build_cnn(BY_NAME["mit_model1"].config, num_classes=3, compile_model=False)
+    assert m.output_shape == (None, 3)
+    assert count_params(BY_NAME["mit_model1"].config, 3) == m.count_params()
+
+
+def test_collapse_rejected_before_any_layer() -> None:
+    cfg = CnnConfig(blocks=(ConvBlock(convs=(ConvLayer(4, 29, padding="valid"),)),))
+    with pytest.raises(InvalidConfigError):
+        build_cnn(cfg)

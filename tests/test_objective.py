@@ -1,0 +1,132 @@
+"""The objective on tiny synthetic data: scores, pruning, K-fold, failures, stored attributes."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from fmnist_search.data import Dataset
+from fmnist_search.objective import Objective, SearchProtocol, make_folds
+from fmnist_search.study import run_trials
+from searchspace import CnnConfig, ConvBlock, ConvLayer, DenseLayer, SearchSpace, space_from_dict
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+SMALL = space_from_dict(
+    {"n_blocks": [1, 1], "filters": [8], "dense_layers": [0, 0], "optimizer": ["adam"],
+     "learning_rate": {"low": 0.003, "high": 0.01, "log": True}, "batch_size": [32]}
+)
+TINY_CFG = CnnConfig(blocks=(ConvBlock(convs=(ConvLayer(8, 3),)),), dense=(DenseLayer(16),), batch_size=32,
+                     learning_rate=0.005)
+
+
+class _PruneAtStep(optuna.pruners.BasePruner):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+        return trial.last_step is not None and trial.last_step >= self.step
+
+
+def _study(pruner: optuna.pruners.BasePruner | None = None) -> optuna.Study:
+    return optuna.create_study(direction="maximize", pruner=pruner or optuna.pruners.NopPruner(),
+                               sampler=optuna.samplers.RandomSampler(seed=0))
+
+
+def test_holdout_trial_completes_with_attributes(tiny_dataset: Dataset) -> None:
+    protocol = SearchProtocol(epochs=2, seed=1)
+    folds = make_folds(tiny_dataset, protocol)
+    assert len(folds.splits) == 1
+    tr, va = folds.splits[0]
+    assert not set(tr) & set(va)
+    study = _study()
+    study.optimize(Objective(folds, SMALL, protocol), n_trials=1)
+    t = study.trials[0]
+    assert t.state == TrialState.COMPLETE and 0.0 <= t.value <= 1.0
+    ua = t.user_attrs
+    assert ua["epochs_run"] == 2 and ua["params"] > 0 and ua["wall_time"] > 0
+    assert CnnConfig.from_json(ua["config"]).blocks[0].convs[0].filters == 8
+    hist = json.loads(ua["history"])
+    assert len(hist) == 1 and len(hist[0]["val_accuracy"]) == 2
+    assert sorted(t.intermediate_values) == [1, 2]
+    assert t.value == pytest.approx(max(hist[0]["val_accuracy"]), abs=1e-5)
+
+
+def test_pruned_trial_stops_and_records(tiny_dataset: Dataset) -> None:
+    protocol = SearchProtocol(epochs=3)
+    study = _study(_PruneAtStep(1))
+    study.optimize(Objective(make_folds(tiny_dataset, protocol), SMALL, protocol), n_trials=2)
+    for t in study.trials:
+        assert t.state == TrialState.PRUNED
+        assert t.user_attrs["epochs_run"] == 1 and t.user_attrs["pruned_at_step"] == 1
+
+
+def test_real_pruner_prunes_some_trials(tiny_dataset: Dataset) -> None:
+    protocol = SearchProtocol(epochs=3, seed=0)
+    study = optuna.create_study(
+        direction="maximize",
+        sampler=optuna.samplers.RandomSampler(seed=0),
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=0),
+    )
+    space = space_from_dict({"n_blocks": [1, 1], "filters": [8], "dense_layers": [0, 0],
+                             "learning_rate": {"low": 1e-5, "high": 1e-2, "log": True}})
+    study.optimize(Objective(make_folds(tiny_dataset, protocol), space, protocol), n_trials=6)
+    states = [t.state for t in study.trials]
+    assert TrialState.PRUNED in states and TrialState.COMPLETE in states
+
+
+def test_kfold_reports_running_score_and_records_mean_std(tiny_dataset: Dataset) -> None:
+    protocol = SearchProtocol(epochs=2, cv=3)
+    folds = make_folds(tiny_dataset, protocol)
+    assert len(folds.splits) == 3
+    study = _study()
+    study.optimize(Objective(folds, SMALL, protocol), n_trials=1)
+    t = study.trials[0]
+    assert t.state == TrialState.COMPLETE
+    assert sorted(t.intermediate_values) == list(range(1, 7))
+    scores = t.user_attrs["fold_scores"]
+    assert len(scores) == 3
+    assert t.value == pytest.approx(np.mean(scores), abs=1e-5)
+    assert t.user_attrs["val_accuracy_std"] == pytest.approx(np.std(scores), abs=1e-5)
+    # The last step reports the cross-fold mean itself: same scale as the final value.
+    assert t.intermediate_values[6] == pytest.approx(t.value, abs=1e-5)
+
+
+def test_nan_loss_fails_trial_with_reason(tiny_dataset: Dataset) -> None:
+    protocol = SearchProtocol(epochs=2)
+    folds = make_folds(tiny_dataset, protocol)
+    folds.x = folds.x.copy()
+    folds.x[:, 0, 0, 0] = np.nan  # every batch sees a NaN pixel
+    study = _study()
+    with pytest.raises(Exception, match="failed trials in a row"):
+        run_trials(study, Objective(folds, SMALL, protocol), 1, max_consecutive_failures=2)
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.FAIL]
+    assert all("diverged" in t.user_attrs["fail_reason"] for t in study.trials)
+    assert study.trials[0].user_attrs["epochs_run"] == 0
+
+
+def test_invalid_config_recorded_and_search_goes_on(tiny_dataset: Dataset) -> None:
+    protocol = SearchProtocol(epochs=1)
+    bad = CnnConfig(blocks=tuple(ConvBlock(convs=(ConvLayer(4, 7, padding="valid"),)) for _ in range(3)))
+
+    def config_fn(trial: optuna.trial.BaseTrial) -> CnnConfig:
+        return bad if trial.number == 0 else TINY_CFG
+
+    study = _study()
+    run_trials(study, Objective(make_folds(tiny_dataset, protocol), SearchSpace(), protocol, config_fn=config_fn), 1)
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.COMPLETE]
+    assert "collapses" in study.trials[0].user_attrs["fail_reason"]
+
+
+def test_same_seed_same_score(tiny_dataset: Dataset) -> None:
+    protocol = SearchProtocol(epochs=1, seed=5)
+    values = []
+    for _ in range(2):
+        study = _study()
+        study.optimize(Objective(make_folds(tiny_dataset, protocol), SMALL, protocol), n_trials=1)
+        values.append((study.trials[0].params, study.trials[0].value))
+    assert values[0] == values[1]

@@ -1,0 +1,97 @@
+"""Study plumbing: total-trial semantics, resume, protocol guard, names and URLs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from fmnist_search import study as st
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def _quick(trial: optuna.Trial) -> float:
+    x = trial.suggest_float("x", 0, 1)
+    trial.report(x, 1)
+    return x
+
+
+def _open(url: str, protocol: dict | None = None) -> optuna.Study:
+    return st.open_study(url, "s", st.make_sampler("tpe", 0), st.make_pruner("none", 1), protocol or {"epochs": 1})
+
+
+def test_trials_means_total_finished_across_runs(tmp_path: Path) -> None:
+    url = st.default_storage(tmp_path, "s")
+    run1 = _open(url)
+    st.run_trials(run1, _quick, 3)
+    assert st.count_finished(run1) == 3
+    run2 = _open(url)  # the same command again: continue, not restart
+    st.run_trials(run2, _quick, 5)
+    assert st.count_finished(run2) == 5
+    st.run_trials(_open(url), _quick, 5)  # already done: nothing new
+    trials = _open(url).get_trials()
+    assert [t.number for t in trials] == list(range(5))
+    assert (tmp_path / "s" / "study.db").exists()
+
+
+def test_failed_trials_are_replaced(tmp_path: Path) -> None:
+    calls = {"n": 0}
+
+    def flaky(trial: optuna.Trial) -> float:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("boom")
+        return trial.suggest_float("x", 0, 1)
+
+    study = _open(st.default_storage(tmp_path, "s"))
+    st.run_trials(study, flaky, 3)
+    states = [t.state for t in study.trials]
+    assert states.count(TrialState.COMPLETE) == 3 and states.count(TrialState.FAIL) == 1
+
+
+def test_protocol_change_is_refused(tmp_path: Path) -> None:
+    url = st.default_storage(tmp_path, "s")
+    _open(url, {"epochs": 1, "seed": 0})
+    with pytest.raises(st.StudyError, match="epochs"):
+        _open(url, {"epochs": 2, "seed": 0})
+
+
+def test_stale_running_trial_is_failed(tmp_path: Path) -> None:
+    study = _open(st.default_storage(tmp_path, "s"))
+    study.ask()  # left RUNNING, as by a killed process
+    assert st.fail_stale_trials(study) == [0]
+    t = study.get_trials()[0]
+    assert t.state == TrialState.FAIL and "interrupted" in t.user_attrs["fail_reason"]
+
+
+@pytest.mark.parametrize("name", ["../x", "a/b", "a\\b", "..", ".hidden", "a\x00b", "", "x" * 101])
+def test_bad_study_names(name: str) -> None:
+    with pytest.raises(ValueError):
+        st.check_study_name(name)
+
+
+def test_study_dir_stays_inside(tmp_path: Path) -> None:
+    assert st.study_dir(tmp_path, "ok-name_1.2") == (tmp_path / "ok-name_1.2").resolve()
+
+
+@pytest.mark.parametrize("url", ["redis://x", "foo", "file:///tmp/x", "http://h/db"])
+def test_unsupported_storage(url: str) -> None:
+    with pytest.raises(ValueError, match="unsupported storage scheme"):
+        st.check_storage_url(url)
+
+
+def test_password_redacted() -> None:
+    assert st.redact("postgresql://u:secret@h:5432/db") == "postgresql://u:***@h:5432/db"
+
+
+@pytest.mark.parametrize("name", st.SAMPLERS)
+def test_samplers(name: str) -> None:
+    assert st.make_sampler(name, 1) is not None
+
+
+@pytest.mark.parametrize("name", st.PRUNERS)
+def test_pruners(name: str) -> None:
+    assert st.make_pruner(name, 6) is not None
