@@ -15,7 +15,14 @@ from typing import Any, NoReturn
 
 from . import study as st
 
-SUBCOMMANDS = ("search", "leaderboard")
+# Sub-commands implemented in other modules: each has `build_parser(prog)` and `run(args)`.
+PLUGINS: dict[str, str] = {
+    "baselines": "fmnist_search.baseline_runs",
+    "report": "fmnist_search.report",
+    "export": "fmnist_search.export",
+    "predict": "fmnist_search.predict",
+}
+SUBCOMMANDS = ("search", "leaderboard", *PLUGINS)
 EXIT_RUNTIME, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
 
@@ -23,13 +30,15 @@ class UsageError(Exception):
     """A bad argument value found after parsing (exit 2)."""
 
 
-class _Parser(argparse.ArgumentParser):
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors and exit code 2."""
+
     def error(self, message: str) -> NoReturn:
         # One clear line instead of argparse's usage dump.
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def _int_at_least(lo: int) -> Callable[[str], int]:
+def int_at_least(lo: int) -> Callable[[str], int]:
     def parse(s: str) -> int:
         try:
             v = int(s)
@@ -43,13 +52,13 @@ def _int_at_least(lo: int) -> Callable[[str], int]:
 
 
 def _cv(s: str) -> int:
-    v = _int_at_least(0)(s)
+    v = int_at_least(0)(s)
     if v == 1:
         raise argparse.ArgumentTypeError("K-fold needs at least 2 folds (0 = holdout split)")
     return v
 
 
-def _positive_float(s: str) -> float:
+def positive_float(s: str) -> float:
     try:
         v = float(s)
     except ValueError:
@@ -73,7 +82,7 @@ def _storage(s: str) -> str:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def _add_storage_args(p: argparse.ArgumentParser) -> None:
+def add_storage_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("storage")
     g.add_argument("--study-name", type=_study_name, default="fmnist", help="study name (default: fmnist)")
     g.add_argument("--results-dir", default="results", help="where runs write (default: ./results)")
@@ -86,17 +95,17 @@ def _add_storage_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_protocol_args(p: argparse.ArgumentParser) -> None:
+def add_protocol_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data and protocol (fixed per study)")
     g.add_argument("--data-dir", default=None, help="directory with the four IDX .gz files "
                    "(default: $FMNIST_DATA_DIR, Keras' cache, /usr/share/datasets/fashion-mnist, download)")
-    g.add_argument("--epochs", type=_int_at_least(1), default=3, help="epochs per trial (per fold) (default: 3)")
+    g.add_argument("--epochs", type=int_at_least(1), default=3, help="epochs per trial (per fold) (default: 3)")
     g.add_argument("--cv", type=_cv, default=0, help="K-fold cross-validation with K>=2 folds (default: 0 = holdout)")
-    g.add_argument("--val-size", type=_int_at_least(1), default=10_000,
+    g.add_argument("--val-size", type=int_at_least(1), default=10_000,
                    help="holdout validation images (default: 10000 of the 60000)")
-    g.add_argument("--train-subset", type=_int_at_least(20), default=None,
+    g.add_argument("--train-subset", type=int_at_least(20), default=None,
                    help="use a stratified subset of N training images (quick runs)")
-    g.add_argument("--seed", type=_int_at_least(0), default=0,
+    g.add_argument("--seed", type=int_at_least(0), default=0,
                    help="fixes the split, the sampler and the initial weights (default: 0)")
     g.add_argument("--space", default=None, help="YAML or JSON file overriding the default search space")
 
@@ -105,31 +114,37 @@ def build_parser(command: str) -> argparse.ArgumentParser:
     """The parser of one sub-command ('search' is the default command)."""
     prog = "run_search.py" + ("" if command == "search" else f" {command}")
     if command == "search":
-        p = _Parser(
+        p = Parser(
             prog=prog,
             description="Search CNN architectures on Fashion-MNIST with Optuna. Other commands: "
             "`run_search.py leaderboard --help`.",
         )
         g = p.add_argument_group("search")
-        g.add_argument("--trials", type=_int_at_least(1), default=50,
+        g.add_argument("--trials", type=int_at_least(1), default=50,
                        help="finished (complete or pruned) trials wanted in the study in total; "
                        "rerunning continues up to this count (default: 50)")
-        g.add_argument("--timeout", type=_positive_float, default=None, help="stop starting trials after SECONDS")
+        g.add_argument("--timeout", type=positive_float, default=None, help="stop starting trials after SECONDS")
         g.add_argument("--sampler", choices=st.SAMPLERS, default="tpe", help="default: tpe (seeded)")
         g.add_argument("--pruner", choices=st.PRUNERS, default="hyperband", help="default: hyperband")
-        g.add_argument("--max-failures", type=_int_at_least(1), default=10,
+        g.add_argument("--max-failures", type=int_at_least(1), default=10,
                        help="stop after this many failed trials in a row (default: 10)")
-        g.add_argument("--top", type=_int_at_least(1), default=10, help="rows of the final table (default: 10)")
+        g.add_argument("--top", type=int_at_least(1), default=10, help="rows of the final table (default: 10)")
         g.add_argument("--no-progress", action="store_true", help="plain log lines, no live bars")
-        _add_protocol_args(p)
-        _add_storage_args(p)
+        add_protocol_args(p)
+        add_storage_args(p)
         return p
     if command == "leaderboard":
-        p = _Parser(prog=prog, description="Re-render the leaderboard of a stored study (no training).")
-        p.add_argument("--top", type=_int_at_least(1), default=10, help="rows to show (default: 10)")
+        p = Parser(prog=prog, description="Re-render the leaderboard of a stored study (no training).")
+        p.add_argument("--top", type=int_at_least(1), default=10, help="rows to show (default: 10)")
         p.add_argument("--format", choices=("table", "csv", "markdown", "json"), default="table")
-        _add_storage_args(p)
+        add_storage_args(p)
         return p
+    if command in PLUGINS:
+        import importlib
+
+        module = importlib.import_module(PLUGINS[command])
+        parser: argparse.ArgumentParser = module.build_parser(prog)
+        return parser
     raise ValueError(command)
 
 
@@ -139,7 +154,7 @@ def _split_command(argv: Sequence[str]) -> tuple[str, list[str]]:
     return "search", list(argv)
 
 
-def _import_tensorflow_quietly() -> None:
+def import_tensorflow_quietly() -> None:
     """Import Keras/TensorFlow with fd 2 muted: its C++ start-up lines can't be silenced otherwise."""
     import os
 
@@ -161,7 +176,7 @@ def _import_tensorflow_quietly() -> None:
         os.close(saved)
 
 
-def _err(msg: str) -> None:
+def err(msg: str) -> None:
     print(f"error: {msg}", file=sys.stderr)
 
 
@@ -172,13 +187,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if command == "search":
             return cmd_search(args)
-        return cmd_leaderboard(args)
+        if command == "leaderboard":
+            return cmd_leaderboard(args)
+        import importlib
+
+        code: int = importlib.import_module(PLUGINS[command]).run(args)
+        return code
     except UsageError as e:
-        _err(str(e))
+        err(str(e))
         return EXIT_USAGE
 
 
-def _storage_url(args: argparse.Namespace) -> str:
+def storage_url(args: argparse.Namespace) -> str:
     try:
         st.study_dir(args.results_dir, args.study_name)
     except ValueError as e:
@@ -186,7 +206,7 @@ def _storage_url(args: argparse.Namespace) -> str:
     return args.storage or st.default_storage(args.results_dir, args.study_name)
 
 
-def _load_space(args: argparse.Namespace) -> Any:
+def load_space_arg(args: argparse.Namespace) -> Any:
     from searchspace.space import SearchSpace, SpaceError, load_space
 
     if args.space is None:
@@ -199,9 +219,9 @@ def _load_space(args: argparse.Namespace) -> Any:
 
 def cmd_search(args: argparse.Namespace) -> int:
     """The search: verify data, open or resume the study, run trials, print the leaderboard."""
-    space = _load_space(args)
-    url = _storage_url(args)
-    _import_tensorflow_quietly()
+    space = load_space_arg(args)
+    url = storage_url(args)
+    import_tensorflow_quietly()
     from rich.console import Console
 
     console = Console(stderr=True)
@@ -214,7 +234,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     try:
         data = load_dataset(args.data_dir, warn=lambda m: console.print(f"[yellow]warning:[/yellow] {m}"))
     except DataError as e:
-        _err(str(e))
+        err(str(e))
         return EXIT_RUNTIME
     protocol = SearchProtocol(
         epochs=args.epochs, cv=args.cv, val_size=args.val_size, train_subset=args.train_subset, seed=args.seed
@@ -233,7 +253,7 @@ def cmd_search(args: argparse.Namespace) -> int:
             st.make_pruner(args.pruner, protocol.steps), stored_protocol,
         )
     except st.StudyError as e:
-        _err(str(e))
+        err(str(e))
         return EXIT_RUNTIME
     if args.storage is None:
         # The default local study has one owner: a RUNNING trial is a leftover of a crash.
@@ -266,7 +286,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         console.print("[yellow]interrupted: the running trial is marked failed; rerun the same command to continue[/yellow]")
         code = EXIT_INTERRUPTED
     except st.StudyError as e:
-        _err(str(e))
+        err(str(e))
         code = EXIT_RUNTIME
     _print_leaderboard(study, args.top, console)
     return code
@@ -281,21 +301,38 @@ def _print_leaderboard(study: Any, top: int, console: Any) -> None:
     Console().print(render_table(df, top=top, title=f"Leaderboard: {study.study_name}"))
 
 
-def cmd_leaderboard(args: argparse.Namespace) -> int:
-    """Re-render a stored study's leaderboard without training."""
+class StoredStudyError(Exception):
+    """A study named on the command line that isn't in the storage (exit 1)."""
+
+
+def load_stored_study(args: argparse.Namespace) -> Any:
+    """The existing study named by --study-name/--results-dir/--storage (never creates one).
+
+    Raises:
+        StoredStudyError: with a one-line message when there is no such study.
+    """
     import optuna
 
-    from .leaderboard import leaderboard, render_table
-
-    url = _storage_url(args)
+    url = storage_url(args)
     if args.storage is None and not Path(url.split("sqlite:///", 1)[1]).exists():
-        _err(f"no study {args.study_name!r} under {args.results_dir} (nothing at {url})")
-        return EXIT_RUNTIME
+        raise StoredStudyError(f"no study {args.study_name!r} under {args.results_dir} (nothing at {url})")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        study = optuna.load_study(study_name=args.study_name, storage=st.make_storage(url))
-    except (KeyError, st.StudyError) as e:
-        _err(f"cannot load study {args.study_name!r}: {e}")
+        return optuna.load_study(study_name=args.study_name, storage=st.make_storage(url))
+    except KeyError:
+        raise StoredStudyError(f"no study {args.study_name!r} in {st.redact(url)}") from None
+    except st.StudyError as e:
+        raise StoredStudyError(str(e)) from None
+
+
+def cmd_leaderboard(args: argparse.Namespace) -> int:
+    """Re-render a stored study's leaderboard without training."""
+    from .leaderboard import leaderboard, render_table
+
+    try:
+        study = load_stored_study(args)
+    except StoredStudyError as e:
+        err(str(e))
         return EXIT_RUNTIME
     df = leaderboard(study.get_trials(deepcopy=False))
     if args.format == "table":
