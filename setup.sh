@@ -25,6 +25,11 @@ if [ "${#apt_pkgs[@]}" -gt 0 ]; then
   fi
 fi
 
+if [ "$want_test" = 1 ] && [ "$(id -u)" = 0 ] && command -v pg_ctlcluster >/dev/null 2>&1; then
+  # The PostgreSQL tests use this server (URL also in $FMNIST_TEST_PG_URL under CI).
+  echo "setup: PostgreSQL for the tests at $(scripts/test_postgres.sh)" >&2
+fi
+
 extra=""
 [ "$want_test" = 1 ] && extra="[test]"
 python -m pip install --quiet --disable-pip-version-check -e ".${extra}"

@@ -15,8 +15,8 @@ _LAZY = {
     "build_cnn": "fmnist_search.model",
     "load_dataset": "fmnist_search.data",
     "leaderboard": "fmnist_search.leaderboard",
-    "load_model": "fmnist_search.predict",
-    "predict": "fmnist_search.predict",
+    "load_model": "fmnist_search.predictor",
+    "predict": "fmnist_search.predictor",
 }
 
 __all__ = ["__version__", *_LAZY]

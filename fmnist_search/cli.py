@@ -20,7 +20,7 @@ PLUGINS: dict[str, str] = {
     "baselines": "fmnist_search.baseline_runs",
     "report": "fmnist_search.report",
     "export": "fmnist_search.export",
-    "predict": "fmnist_search.predict",
+    "predict": "fmnist_search.predictor",
 }
 SUBCOMMANDS = ("search", "leaderboard", *PLUGINS)
 EXIT_RUNTIME, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
@@ -49,6 +49,16 @@ def int_at_least(lo: int) -> Callable[[str], int]:
         return v
 
     return parse
+
+
+DEFAULT_TRAIN_SUBSET = 20_000
+
+
+def _train_subset(s: str) -> int:
+    v = int_at_least(0)(s)
+    if 0 < v < 20:
+        raise argparse.ArgumentTypeError(f"must be 0 (all) or >= 20, got {v}")
+    return v
 
 
 def _cv(s: str) -> int:
@@ -103,8 +113,9 @@ def add_protocol_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cv", type=_cv, default=0, help="K-fold cross-validation with K>=2 folds (default: 0 = holdout)")
     g.add_argument("--val-size", type=int_at_least(1), default=10_000,
                    help="holdout validation images (default: 10000 of the 60000)")
-    g.add_argument("--train-subset", type=int_at_least(20), default=None,
-                   help="use a stratified subset of N training images (quick runs)")
+    g.add_argument("--train-subset", type=_train_subset, default=DEFAULT_TRAIN_SUBSET,
+                   help="each trial trains on a stratified subset of N training images of its split "
+                   f"(validation images are not reduced); 0 = all (default: {DEFAULT_TRAIN_SUBSET})")
     g.add_argument("--seed", type=int_at_least(0), default=0,
                    help="fixes the split, the sampler and the initial weights (default: 0)")
     g.add_argument("--space", default=None, help="YAML or JSON file overriding the default search space")
@@ -130,6 +141,11 @@ def build_parser(command: str) -> argparse.ArgumentParser:
                        help="stop after this many failed trials in a row (default: 10)")
         g.add_argument("--top", type=int_at_least(1), default=10, help="rows of the final table (default: 10)")
         g.add_argument("--no-progress", action="store_true", help="plain log lines, no live bars")
+        g.add_argument("--workers", type=int_at_least(1), default=1,
+                       help="worker processes on this machine sharing the study (default: 1)")
+        g.add_argument("--threads", type=int_at_least(1), default=None,
+                       help="CPU threads per worker (default: cores / workers)")
+        g.add_argument("--worker-index", type=int_at_least(0), default=None, help=argparse.SUPPRESS)
         add_protocol_args(p)
         add_storage_args(p)
         return p
@@ -184,6 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; return its exit code (never raises for user errors)."""
     command, rest = _split_command(list(sys.argv[1:] if argv is None else argv))
     args = build_parser(command).parse_args(rest)
+    args.argv = rest
     try:
         if command == "search":
             return cmd_search(args)
@@ -224,20 +241,28 @@ def cmd_search(args: argparse.Namespace) -> int:
     import_tensorflow_quietly()
     from rich.console import Console
 
-    console = Console(stderr=True)
+    # soft_wrap: a message stays one line in logs and pipes (no wrapping at 80 columns).
+    console = Console(stderr=True, soft_wrap=True)
     import optuna
 
     from .data import DataError, load_dataset
     from .objective import Objective, SearchProtocol, make_folds
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # Failed trials are reported by our own lines; Optuna would add their tracebacks.
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    try:
+        # Connect before the data are read: a bad URL or password fails in a second.
+        storage = st.make_storage(url)
+    except st.StudyError as e:
+        err(str(e))
+        return EXIT_RUNTIME
     try:
         data = load_dataset(args.data_dir, warn=lambda m: console.print(f"[yellow]warning:[/yellow] {m}"))
     except DataError as e:
         err(str(e))
         return EXIT_RUNTIME
     protocol = SearchProtocol(
-        epochs=args.epochs, cv=args.cv, val_size=args.val_size, train_subset=args.train_subset, seed=args.seed
+        epochs=args.epochs, cv=args.cv, val_size=args.val_size, train_subset=args.train_subset or None, seed=args.seed
     )
     folds = make_folds(data, protocol)
     stored_protocol = {
@@ -247,23 +272,41 @@ def cmd_search(args: argparse.Namespace) -> int:
         "num_classes": data.num_classes,
         "class_names": list(data.class_names),
     }
+    worker = args.worker_index is not None
+    if worker:
+        from .workers import set_threads
+
+        set_threads(args.threads or 1)
     try:
         study = st.open_study(
-            url, args.study_name, st.make_sampler(args.sampler, args.seed),
+            storage, args.study_name,
+            # Each worker its own stream of proposals, all fixed by --seed.
+            st.make_sampler(args.sampler, args.seed + (args.worker_index or 0)),
             st.make_pruner(args.pruner, protocol.steps), stored_protocol,
         )
     except st.StudyError as e:
         err(str(e))
         return EXIT_RUNTIME
-    if args.storage is None:
+    if args.storage is None and not worker:
         # The default local study has one owner: a RUNNING trial is a leftover of a crash.
         stale = st.fail_stale_trials(study)
         if stale:
-            console.print(f"[yellow]marked interrupted trial(s) {stale} as failed[/yellow]")
+            console.print(f"[yellow]marked interrupted trial(s) {stale} as failed; each is retried[/yellow]")
+    if worker:
+        try:
+            st.run_trials(study, Objective(folds, space, protocol), args.trials, timeout=args.timeout,
+                          max_consecutive_failures=args.max_failures)
+        except KeyboardInterrupt:
+            return EXIT_INTERRUPTED
+        except st.StudyError as e:
+            err(str(e))
+            return EXIT_RUNTIME
+        return 0
     done = st.count_finished(study)
     console.print(
         f"study [bold]{args.study_name}[/bold] ({st.redact(url)}): {done} of {args.trials} trials finished; "
-        f"{len(folds.splits)} split(s) of {len(folds.y)} images, {protocol.epochs} epoch(s) per trial, "
+        f"{len(folds.splits)} split(s): {len(folds.splits[0][0])} training / {len(folds.splits[0][1])} "
+        f"validation images, {protocol.epochs} epoch(s) per trial, "
         f"sampler {args.sampler}, pruner {args.pruner}, seed {args.seed}",
         highlight=False,
     )
@@ -274,14 +317,21 @@ def cmd_search(args: argparse.Namespace) -> int:
         sink.set_best(study.best_value)
     objective = Objective(folds, space, protocol, progress=sink)
     code = 0
+    if args.no_progress:
+        sink.progress.disable = True
     try:
-        if args.no_progress:
-            sink.progress.disable = True
-        with sink:
-            st.run_trials(
-                study, objective, args.trials, timeout=args.timeout, callbacks=[sink],
-                max_consecutive_failures=args.max_failures,
-            )
+        if args.workers > 1:
+            code = _run_workers(args, study, sink, console)
+        else:
+            if args.threads:
+                from .workers import set_threads
+
+                set_threads(args.threads)
+            with sink:
+                st.run_trials(
+                    study, objective, args.trials, timeout=args.timeout, callbacks=[sink],
+                    max_consecutive_failures=args.max_failures,
+                )
     except KeyboardInterrupt:
         console.print("[yellow]interrupted: the running trial is marked failed; rerun the same command to continue[/yellow]")
         code = EXIT_INTERRUPTED
@@ -290,6 +340,28 @@ def cmd_search(args: argparse.Namespace) -> int:
         code = EXIT_RUNTIME
     _print_leaderboard(study, args.top, console)
     return code
+
+
+def _run_workers(args: argparse.Namespace, study: Any, sink: Any, console: Any) -> int:
+    """Start --workers processes on the study and show their progress from the storage."""
+    from .workers import default_threads, spawn, watch
+
+    threads = args.threads or default_threads(args.workers)
+    argv = [a for a in args.argv]
+    log_dir = st.study_dir(args.results_dir, args.study_name) / "logs"
+    console.print(f"{args.workers} workers x {threads} thread(s); worker logs in {log_dir}", highlight=False)
+    procs = spawn(argv, args.workers, threads, log_dir)
+    with sink:
+        codes = watch(study, procs, sink)
+    bad = [(i, c) for i, c in enumerate(codes) if c != 0]
+    if not bad:
+        return 0
+    if any(c == EXIT_INTERRUPTED for _, c in bad):
+        return EXIT_INTERRUPTED
+    for i, c in bad:
+        lines = (log_dir / f"worker-{i}.log").read_text(errors="replace").strip().splitlines()
+        err(f"worker {i} exited with code {c}: {lines[-1] if lines else 'no output'}")
+    return EXIT_RUNTIME
 
 
 def _print_leaderboard(study: Any, top: int, console: Any) -> None:
@@ -346,3 +418,7 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(df.head(args.top).to_json(orient="records", indent=2) + "\n")
     return 0
+
+
+if __name__ == "__main__":  # worker processes start here: python -m fmnist_search.cli
+    raise SystemExit(main())

@@ -66,19 +66,26 @@ class Folds:
 
 
 def make_folds(data: Dataset, protocol: SearchProtocol) -> Folds:
-    """Apply --train-subset, then the holdout split or the K folds, all seeded."""
+    """The holdout split or the K folds (stratified, seeded), then --train-subset.
+
+    `train_subset` shrinks only the training part of each split (a stratified subset of
+    it); validation images are never reduced, so scores stay comparable across fidelities.
+    """
     x, y = data.x_train, data.y_train
-    if protocol.train_subset is not None and protocol.train_subset < len(y):
-        idx = stratified_subset(y, protocol.train_subset, seed=protocol.seed)
-        x, y = x[idx], y[idx]
     if protocol.cv >= 2:
         splits = kfold_splits(y, protocol.cv, seed=protocol.seed)
     else:
         val_size: int | float = protocol.val_size
-        if protocol.train_subset is not None or val_size > len(y) // 2:
-            # Small or shrunk data: keep the default 1:5 validation share.
-            val_size = min(protocol.val_size, max(1, len(y) // 6))
+        if val_size > len(y) // 2:
+            # A small data set: keep the default 1:5 validation share.
+            val_size = max(1, len(y) // 6)
         splits = [holdout_split(y, val_size, seed=protocol.seed)]
+    n = protocol.train_subset
+    if n:
+        splits = [
+            (tr[stratified_subset(y[tr], n, seed=protocol.seed + f)] if n < len(tr) else tr, va)
+            for f, (tr, va) in enumerate(splits)
+        ]
     return Folds(x=x, y=y, splits=splits, num_classes=data.num_classes)
 
 
@@ -124,6 +131,9 @@ class Objective:
         try:
             return self._run(trial, cfg, start)
         except (optuna.TrialPruned, TrialFailedError):
+            raise
+        except KeyboardInterrupt:
+            trial.set_user_attr("fail_reason", "interrupted (Ctrl-C)")
             raise
         except Exception as e:  # OOM, a Keras error...: recorded, and the search goes on
             first = (str(e).strip().splitlines() or [""])[0][:300]

@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import os
 import re
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import optuna
+from optuna.storages._heartbeat import is_heartbeat_enabled
 from optuna.trial import FrozenTrial, TrialState
 
 SAMPLERS = ("tpe", "random", "cmaes", "qmc")
 PRUNERS = ("hyperband", "median", "sha", "none")
-STORAGE_SCHEMES = ("sqlite", "postgresql", "postgresql+psycopg2", "mysql", "mysql+pymysql")
+STORAGE_SCHEMES = (
+    "sqlite", "postgresql", "postgresql+psycopg", "postgresql+psycopg2", "mysql", "mysql+pymysql"
+)
 # Trials that used up budget: "--trials N" means N of these in the study.
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 _STUDY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -93,16 +100,51 @@ def make_pruner(name: str, max_steps: int) -> optuna.pruners.BasePruner:
     raise ValueError(f"unknown pruner {name!r} (choose from {', '.join(PRUNERS)})")
 
 
+def _retry_callback() -> Callable[[optuna.Study, FrozenTrial], None]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)
+
+
+def _heartbeat_setting() -> tuple[int, int]:
+    # FMNIST_SEARCH_HEARTBEAT="interval,grace" (seconds) lets tests see a dead worker sooner.
+    raw = os.environ.get("FMNIST_SEARCH_HEARTBEAT", "")
+    try:
+        interval, grace = (int(x) for x in raw.split(","))
+        if 0 < interval < grace:
+            return interval, grace
+    except ValueError:
+        pass
+    return 10, 40
+
+
+# Seconds between a running trial's heartbeats; a RUNNING trial silent for longer than the
+# grace period belongs to a dead worker.
+HEARTBEAT_INTERVAL, GRACE_PERIOD = _heartbeat_setting()
+
+
 def make_storage(url: str) -> optuna.storages.BaseStorage:
-    """RDB storage; SQLite gets a long busy timeout so that local workers wait, not fail."""
-    kwargs: dict[str, Any] = {}
+    """RDB storage with heartbeats, so that a killed worker's trial is failed and retried.
+
+    SQLite gets a long busy timeout so that local workers wait for each other, not fail.
+    """
+    kwargs: dict[str, Any] = {
+        "heartbeat_interval": HEARTBEAT_INTERVAL,
+        "grace_period": GRACE_PERIOD,
+        # The dead trial is kept as FAIL and a copy with the same parameters is enqueued,
+        # recorded as a retry (system attrs "failed_trial" / "retry_history").
+        "heartbeat_stale_trial_callback": _retry_callback(),
+    }
     if url.startswith("sqlite"):
         Path(url.split("sqlite:///", 1)[1]).parent.mkdir(parents=True, exist_ok=True)
         kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
     else:
         kwargs["engine_kwargs"] = {"pool_pre_ping": True}
     try:
-        return optuna.storages.RDBStorage(url, **kwargs)
+        with warnings.catch_warnings():
+            # Heartbeats are marked experimental; they are what makes dead workers visible.
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(url, **kwargs)
     except Exception as e:  # sqlalchemy wraps driver errors; keep one line, no password
         raise StudyError(f"cannot open storage {redact(url)}: {_first_line(e)}") from None
 
@@ -161,18 +203,69 @@ def count_finished(study: optuna.Study) -> int:
 
 
 def fail_stale_trials(study: optuna.Study, reason: str = "interrupted (process ended mid-trial)") -> list[int]:
-    """Mark RUNNING trials left by a dead single-process search as FAIL; return their numbers.
+    """Mark RUNNING trials left by a dead local search as FAIL, enqueue a retry of each.
 
-    Only for a search that owns its study alone (the default local run): another live
-    worker's running trial would be failed too.
+    Only for a search that owns its study alone (the default local storage, before its
+    workers start): another live worker's running trial would be failed too. Shared
+    storages rely on heartbeats instead (`make_storage`).
     """
     storage = study._storage
+    retry = _retry_callback()
     failed = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         storage.set_trial_user_attr(t._trial_id, "fail_reason", reason)
         if storage.set_trial_state_values(t._trial_id, TrialState.FAIL):
             failed.append(t.number)
+            retry(study, storage.get_trial(t._trial_id))
     return failed
+
+
+class TrialLock:
+    """Serialises "count the trials, then start one" across workers on the same study.
+
+    Without it two workers seeing N-1 finished trials would both start one and the study
+    would end with N+1. SQLite: an flock beside the database (local workers); PostgreSQL:
+    a session advisory lock (workers on several machines); other storages: no lock.
+    """
+
+    def __init__(self, storage: optuna.storages.BaseStorage, study_name: str) -> None:
+        self._fd: int | None = None
+        self._conn: Any = None
+        self._path: str | None = None
+        self._engine: Any = None
+        self._key = int.from_bytes(hashlib.sha256(study_name.encode()).digest()[:8], "big", signed=True)
+        storage = getattr(storage, "_backend", storage)  # studies wrap RDBStorage in a cache
+        url = str(getattr(storage, "url", "") or "")
+        if url.startswith("sqlite:///"):
+            self._path = url.split("sqlite:///", 1)[1] + ".lock"
+        elif url.startswith("postgresql"):
+            self._engine = getattr(storage, "engine", None)
+
+    def acquire(self) -> None:
+        if self._path is not None:
+            self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o644)
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+        elif self._engine is not None:
+            from sqlalchemy import text
+
+            self._conn = self._engine.connect()
+            self._conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": self._key})
+            self._conn.commit()
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+        if self._conn is not None:
+            from sqlalchemy import text
+
+            try:
+                self._conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": self._key})
+                self._conn.commit()
+            finally:
+                self._conn.close()
+                self._conn = None
 
 
 def run_trials(
@@ -182,40 +275,61 @@ def run_trials(
     *,
     timeout: float | None = None,
     callbacks: Sequence[Callable[[optuna.Study, FrozenTrial], None]] = (),
-    catch: tuple[type[Exception], ...] = (Exception,),
     max_consecutive_failures: int = 10,
 ) -> None:
-    """Run until the study holds `total_trials` finished trials (or the timeout passes).
+    """Run trials until the study holds `total_trials` finished ones (or the timeout passes).
 
-    Failed trials (diverged, invalid, crashed) are recorded and replaced; a run of
-    `max_consecutive_failures` of them stops the search with StudyError.
+    Works the same for one process or many workers on one storage: each trial is started
+    only while finished + running trials are fewer than `total_trials`, under a
+    `TrialLock`. Failed trials (diverged, invalid, crashed, killed) are recorded and
+    replaced; `max_consecutive_failures` of them in a row stop this worker (StudyError).
     """
-    remaining = total_trials - count_finished(study)
-    if remaining <= 0:
-        return
-    streak = {"n": 0}
+    lock = TrialLock(study._storage, study.study_name)
+    deadline = time.monotonic() + timeout if timeout else None
+    streak = 0
+    last: list[FrozenTrial] = []
+    heartbeat = is_heartbeat_enabled(study._storage)
 
-    def stop_when_done(study: optuna.Study, trial: FrozenTrial) -> None:
-        if trial.state == TrialState.FAIL:
-            streak["n"] += 1
-            if streak["n"] >= max_consecutive_failures:
-                study.stop()
+    def remember(study: optuna.Study, trial: FrozenTrial) -> None:
+        last.append(trial)
+
+    while deadline is None or time.monotonic() < deadline:
+        lock.acquire()
+        held = True
+
+        def release() -> None:
+            nonlocal held
+            if held:
+                lock.release()
+                held = False
+
+        def locked_objective(trial: optuna.Trial) -> float:
+            release()  # the trial exists (RUNNING): other workers may now count it
+            return objective(trial)
+
+        try:
+            if heartbeat:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    optuna.storages.fail_stale_trials(study)
+            started = len(study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING)))
+            if started >= total_trials:
+                break
+            last.clear()
+            # n_trials counts per optimize() call in Optuna: one call per trial here.
+            study.optimize(
+                locked_objective,
+                n_trials=1,
+                callbacks=[*callbacks, remember],
+                catch=(Exception,),
+                gc_after_trial=True,
+            )
+        finally:
+            release()
+        if last and last[-1].state == TrialState.FAIL:
+            streak += 1
+            if streak >= max_consecutive_failures:
+                why = last[-1].user_attrs.get("fail_reason", "see the log")
+                raise StudyError(f"stopped after {streak} failed trials in a row; last: {why}")
         else:
-            streak["n"] = 0
-        if count_finished(study) >= total_trials:
-            study.stop()
-
-    # n_trials bounds this call only (Optuna counts per call); failed trials get replaced,
-    # so allow more calls to the objective than the remaining budget.
-    study.optimize(
-        objective,
-        n_trials=remaining + max_consecutive_failures * 10,
-        timeout=timeout,
-        callbacks=[*callbacks, stop_when_done],
-        catch=catch,
-        gc_after_trial=True,
-    )
-    if streak["n"] >= max_consecutive_failures:
-        last = study.get_trials(deepcopy=False)[-1]
-        why = last.user_attrs.get("fail_reason", "see the log")
-        raise StudyError(f"stopped after {streak['n']} failed trials in a row; last: {why}")
+            streak = 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -34,3 +35,46 @@ def tiny_dataset(synthetic_dir: Path):  # type: ignore[no-untyped-def]
     from fmnist_search.data import load_dataset
 
     return load_dataset(synthetic_dir, download=False, warn=lambda m: None)
+
+
+DEFAULT_PG_URL = "postgresql://fmnist:fmnist@127.0.0.1:5432/fmnist_test"
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> str:
+    """The tests' PostgreSQL (started by `./setup.sh --test`); required under CI."""
+    url = os.environ.get("FMNIST_TEST_PG_URL") or DEFAULT_PG_URL
+    try:
+        import sqlalchemy
+
+        engine = sqlalchemy.create_engine(url)
+        with engine.connect() as conn:
+            conn.execute(sqlalchemy.text("SELECT 1"))
+        engine.dispose()
+    except Exception as e:  # no server here: a developer machine without PostgreSQL
+        msg = f"PostgreSQL not reachable at {url}: {str(e).splitlines()[0]}"
+        if os.environ.get("CI"):
+            pytest.fail(msg + " (CI must run the PostgreSQL tests: see .ci/run)")
+        pytest.skip(msg + " (run ./setup.sh --test as root to start it)")
+    return url
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """Environment for a run_search.py subprocess: project importable, no stray data dir."""
+    return {**os.environ, "FMNIST_DATA_DIR": "", "PYTHONPATH": str(ROOT), **extra}
+
+
+def run_cli(*args: str, timeout: int = 300, **env: str) -> "subprocess.CompletedProcess[str]":
+    """Run `python run_search.py ARGS` and capture its output."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / "run_search.py"), *args],
+        capture_output=True, text=True, cwd=ROOT, env=cli_env(**env), timeout=timeout,
+    )
+
+
+def popen_cli(*args: str, **env: str) -> "subprocess.Popen[str]":
+    """Start `python run_search.py ARGS` in the background."""
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "run_search.py"), *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=cli_env(**env),
+    )

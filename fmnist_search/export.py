@@ -1,0 +1,826 @@
+"""Export a study's best model: final fit, one test evaluation, model card, atomic write.
+
+`export_study` picks a trial, retrains it (on all training images by default), measures it
+once on the test set and hands the model and its card to `write_export`, which writes
+`model.keras`, `saved_model/`, `model_card.json` and `SHA256SUMS` into a temporary sibling
+directory and swaps it into place, so a reader sees the old export or the new one, never
+half of one. TensorFlow, Keras and Optuna are imported lazily: `run_search.py export --help`
+answers without them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import errno
+import hashlib
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import keras
+    import optuna
+    from optuna.trial import FrozenTrial
+
+    from .data import Dataset
+    from .objective import ProgressSink
+
+MODEL_FILE = "model.keras"
+SAVED_MODEL_DIR = "saved_model"
+CARD_FILE = "model_card.json"
+SUMS_FILE = "SHA256SUMS"
+EXPORT_DIR = "best_model"
+CARD_VERSION = 1
+
+# Final-epoch rule (README, "Export and predict"). Scaling the peak epoch by the data ratio
+# is only meaningful near the search's own set size (holdout 50k -> x1.2, 5-fold 48k ->
+# x1.25); a --train-subset search would otherwise ask for dozens of epochs on 60,000 images.
+SCALE_CAP = 1.25
+# A trial that peaked at its last epoch was still improving: give it half as many again.
+STILL_IMPROVING_FACTOR = 1.5
+# And never more than this many times the epochs the search gave the trial.
+MAX_EPOCH_FACTOR = 2
+
+
+class ExportError(Exception):
+    """An export that can't be made or read; str() is one line meant for the user."""
+
+
+# --------------------------------------------------------------------------- choosing a trial
+
+
+def pick_trial(study: optuna.Study, trial_number: int | None = None) -> FrozenTrial:
+    """The best COMPLETE trial, or trial `trial_number`, which must be COMPLETE.
+
+    Raises:
+        ExportError: No complete trial, no such trial, or the trial is not complete.
+    """
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    if trial_number is not None:
+        match = [t for t in trials if t.number == trial_number]
+        if not match:
+            have = f"trials 0..{len(trials) - 1}" if trials else "no trials yet"
+            raise ExportError(f"study {study.study_name!r} has no trial {trial_number} ({have})")
+        t = match[0]
+        if t.state != TrialState.COMPLETE:
+            why = t.user_attrs.get("fail_reason")
+            raise ExportError(
+                f"trial {trial_number} is {t.state.name.lower()}, not complete"
+                + (f" ({why})" if why else "")
+                + "; only a complete trial can be exported"
+            )
+        return t
+    complete = [
+        t for t in trials
+        if t.state == TrialState.COMPLETE and t.value is not None and math.isfinite(t.value)
+    ]
+    if not complete:
+        raise ExportError(
+            f"study {study.study_name!r} has no complete trial to export "
+            f"({len(trials)} trial(s), none complete); run or continue the search first"
+        )
+    # Same order as the leaderboard: best accuracy, then the smaller model, then the earlier.
+    def key(t: FrozenTrial) -> tuple[float, float, int]:
+        params = t.user_attrs.get("params")
+        size = float(params) if isinstance(params, int) else math.inf
+        return (-float(t.value or 0.0), size, t.number)
+
+    return min(complete, key=key)
+
+
+def stored_protocol(study: optuna.Study) -> dict[str, Any]:
+    """The protocol the search stored in the study's user attributes.
+
+    Raises:
+        ExportError: The study has none (it was not made by run_search.py).
+    """
+    protocol = study.user_attrs.get("protocol")
+    if not isinstance(protocol, dict) or "epochs" not in protocol:
+        raise ExportError(
+            f"study {study.study_name!r} has no stored search protocol; "
+            "only studies made by run_search.py can be exported"
+        )
+    return protocol
+
+
+def check_data(study: optuna.Study, data: Dataset) -> None:
+    """Refuse data whose checksums differ from those the study was searched on.
+
+    Raises:
+        ExportError: naming the differing files.
+    """
+    expected = stored_protocol(study).get("data_sha256") or {}
+    names = set(expected) | set(data.sha256)
+    differ = sorted(k for k in names if expected.get(k) != data.sha256.get(k))
+    if differ:
+        raise ExportError(
+            f"the data in {data.source_dir} are not the data study {study.study_name!r} was "
+            f"searched on ({', '.join(differ)} differ); pass --data-dir with the same files"
+        )
+
+
+def _search_protocol(protocol: dict[str, Any]) -> Any:
+    from .objective import SearchProtocol
+
+    keys = ("epochs", "cv", "val_size", "train_subset", "seed")
+    return SearchProtocol(**{k: protocol[k] for k in keys if k in protocol})
+
+
+def _peak_epoch(trial: FrozenTrial, epochs: int) -> int:
+    """The trial's 1-based peak epoch (mean over folds); from its history if not stored."""
+    best = trial.user_attrs.get("best_epoch")
+    if isinstance(best, int) and best >= 1:
+        return min(best, epochs)
+    try:
+        folds = json.loads(trial.user_attrs.get("history", "[]"))
+        curves = [f["val_accuracy"] for f in folds if f.get("val_accuracy")]
+        n = min(len(c) for c in curves)
+        mean = np.mean([c[:n] for c in curves], axis=0)
+        return int(np.argmax(mean)) + 1
+    except (TypeError, ValueError, KeyError, AttributeError):
+        return epochs  # nothing recorded: assume it peaked at the end
+
+
+def default_final_epochs(
+    trial: FrozenTrial, trial_epochs: int, trial_train_size: int, full_train_size: int
+) -> tuple[int, str]:
+    """Epochs for the final fit on all training images, and the rule applied, in words.
+
+    peak x min(full / trial's training images, SCALE_CAP), x STILL_IMPROVING_FACTOR when
+    the peak is the last epoch, rounded up, at most MAX_EPOCH_FACTOR x the trial's epochs.
+    """
+    peak = _peak_epoch(trial, trial_epochs)
+    scale = min(full_train_size / max(1, trial_train_size), SCALE_CAP)
+    value = peak * scale
+    why = (
+        f"peak epoch {peak} of {trial_epochs} x min({full_train_size}/{trial_train_size}, "
+        f"{SCALE_CAP}) = {value:.2f}"
+    )
+    if peak >= trial_epochs:
+        value *= STILL_IMPROVING_FACTOR
+        why += f", x{STILL_IMPROVING_FACTOR} (still improving at its last epoch) = {value:.2f}"
+    n = max(1, min(math.ceil(value - 1e-9), MAX_EPOCH_FACTOR * trial_epochs))
+    return n, why + f", rounded up, at most {MAX_EPOCH_FACTOR}x{trial_epochs}: {n}"
+
+
+# --------------------------------------------------------------------------- the card
+
+
+def _library_versions() -> dict[str, str]:
+    import keras
+    import optuna
+    import sklearn
+    import tensorflow as tf
+
+    return {
+        "python": platform.python_version(),
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "optuna": optuna.__version__,
+        "numpy": np.__version__,
+        "sklearn": sklearn.__version__,
+    }
+
+
+def baseline_comparison(
+    study: optuna.Study, protocol: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The seed documents' baselines, with re-measured scores from `<study>.baselines` if any.
+
+    The baselines study is written by another command; anything unexpected in it is skipped
+    rather than allowed to break an export.
+    """
+    from searchspace.baselines import BASELINES
+
+    name = f"{study.study_name}.baselines"
+    measured: dict[str, list[float]] = {}
+    other_protocol: Any = None
+    found = False
+    try:
+        import optuna
+        from optuna.trial import TrialState
+
+        bstudy = optuna.load_study(study_name=name, storage=study._storage)
+        found = True
+        other_protocol = bstudy.user_attrs.get("protocol")
+        for t in bstudy.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            label = t.user_attrs.get("baseline")
+            value = t.value
+            if isinstance(label, str) and isinstance(value, (int, float)) and math.isfinite(value):
+                measured.setdefault(label, []).append(float(value))
+    except Exception:  # no such study, or one we can't read: documented numbers only
+        pass
+    rows = []
+    for b in BASELINES:
+        vals = measured.get(b.name, [])
+        rows.append(
+            {
+                "name": b.name,
+                "source": b.source,
+                "documented_accuracy": b.documented_accuracy,
+                "documented_metric": b.documented_metric,
+                "documented_protocol": b.documented_protocol,
+                "remeasured_val_accuracy": float(np.mean(vals)) if vals else None,
+                "remeasured_runs": len(vals),
+            }
+        )
+    return {
+        "remeasured_in": name if found else None,
+        "remeasured_protocol": other_protocol,
+        "same_protocol": None if other_protocol is None else other_protocol == protocol,
+        "models": rows,
+    }
+
+
+def _evaluate(model: keras.Model, data: Dataset) -> dict[str, Any]:
+    """Accuracy, per-class precision/recall/F1 and the confusion matrix on the test images."""
+    from sklearn.metrics import classification_report, confusion_matrix
+
+    probs = model.predict(data.x_test, batch_size=1024, verbose=0)
+    pred = np.argmax(probs, axis=1)
+    labels = list(range(data.num_classes))
+    report = classification_report(
+        data.y_test, pred, labels=labels, target_names=list(data.class_names),
+        output_dict=True, zero_division=0,
+    )
+
+    def snake(d: dict[str, float]) -> dict[str, float]:
+        return {k.replace("-score", "").replace("-", "_"): float(v) for k, v in d.items()}
+
+    return {
+        "test_accuracy": float(np.mean(pred == data.y_test)),
+        "test_images": int(len(data.y_test)),
+        "per_class": {n: snake(report[n]) for n in data.class_names},
+        "macro_avg": snake(report["macro avg"]),
+        "weighted_avg": snake(report["weighted avg"]),
+        "confusion_matrix": confusion_matrix(data.y_test, pred, labels=labels).tolist(),
+    }
+
+
+def _jsonable(x: Any) -> Any:
+    """Plain JSON values: numpy scalars unwrapped, NaN/inf as null (strict JSON has neither)."""
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.generic):
+        x = x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+# --------------------------------------------------------------------------- training
+
+
+class FitProgress:
+    """A rich `ProgressSink` for one final fit: an epochs bar and the running epoch's batches."""
+
+    def __init__(self, disable: bool = False) -> None:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.console = Console(stderr=True)
+        self.progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+            console=self.console, disable=disable,
+        )
+        self._epochs = self.progress.add_task("final fit epochs", total=None)
+        self._batches = self.progress.add_task("epoch 1", total=1)
+
+    def __enter__(self) -> FitProgress:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def trial_started(self, number: int, cfg: Any) -> None:
+        self.console.print(f"[dim]trial {number}: {cfg.summary()}[/dim]", highlight=False)
+
+    def epoch_started(self, number: int, step: int, total_steps: int) -> None:
+        self.progress.update(self._epochs, total=total_steps)
+        self.progress.update(self._batches, description=f"epoch {step}/{total_steps}", completed=0)
+
+    def batch_done(self, done: int, total: int) -> None:
+        self.progress.update(self._batches, completed=done, total=total)
+
+    def epoch_done(self, number: int, step: int, value: float) -> None:
+        self.progress.update(self._epochs, completed=step)
+
+
+def _fit(
+    cfg: Any,
+    x: np.ndarray,
+    y: np.ndarray,
+    x_val: np.ndarray | None,
+    y_val: np.ndarray | None,
+    *,
+    epochs: int,
+    seed: int,
+    num_classes: int,
+    number: int,
+    progress: ProgressSink | None,
+) -> Any:
+    """fit_config with progress reporting; with validation data, keeps the best epoch's weights."""
+    import keras
+
+    from .training import fit_config
+
+    callbacks: list[keras.callbacks.Callback] = []
+    if x_val is not None:
+        # patience > epochs: never stops early, only restores the peak epoch's weights, i.e.
+        # the weights whose validation accuracy is the trial's score.
+        callbacks.append(
+            keras.callbacks.EarlyStopping(
+                monitor="val_accuracy", mode="max", patience=epochs + 1, restore_best_weights=True
+            )
+        )
+
+    def on_epoch(e: int, logs: dict[str, float]) -> None:
+        if progress:
+            acc = logs.get("val_accuracy", logs.get("accuracy", math.nan))
+            progress.epoch_done(number, e + 1, acc)
+            if e + 1 < epochs:
+                progress.epoch_started(number, e + 2, epochs)
+
+    if progress:
+        progress.trial_started(number, cfg)
+        progress.epoch_started(number, 1, epochs)
+    return fit_config(
+        cfg, x, y, x_val, y_val, epochs=epochs, seed=seed, num_classes=num_classes,
+        on_epoch=on_epoch, on_batch=progress.batch_done if progress else None,
+        callbacks=callbacks, keep_model=True,
+    )
+
+
+def export_study(
+    study: optuna.Study,
+    data: Dataset,
+    out_dir: Path,
+    *,
+    trial_number: int | None = None,
+    final_epochs: int | None = None,
+    final_fit: bool = True,
+    seed: int | None = None,
+    command_line: Sequence[str] | None = None,
+    progress: ProgressSink | None = None,
+) -> Path:
+    """Retrain a trial's architecture, test it once, and export it to `out_dir`.
+
+    Args:
+        study: A study made by the search (it holds the protocol and the trials' configs).
+        data: The data the study was searched on (checked against the stored checksums).
+        out_dir: Destination, usually results/<study>/best_model; replaced atomically.
+        trial_number: Export this trial (must be COMPLETE) instead of the best one.
+        final_epochs: Epochs of the final fit; default from the trial's peak epoch (README).
+        final_fit: False retrains with the trial's own protocol (its training split, its
+            epochs, its seed) and keeps the peak epoch's weights, instead of all images.
+        seed: Initial-weights seed; default the trial's own (protocol seed x 100003 + trial).
+        command_line: Recorded in the card (default sys.argv).
+        progress: Receives epoch/batch progress (e.g. `FitProgress`); None = silent.
+
+    Returns:
+        `out_dir`.
+
+    Raises:
+        ExportError: One line: no suitable trial, other data, a bad config, or a failed write.
+    """
+    from searchspace.config import CnnConfig, InvalidConfigError
+
+    from .objective import make_folds
+    from .training import DivergedError
+
+    trial = pick_trial(study, trial_number)
+    protocol = stored_protocol(study)
+    check_data(study, data)
+    try:
+        cfg = CnnConfig.from_json(trial.user_attrs["config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ExportError(f"trial {trial.number} has no usable stored config ({e})") from None
+    sp = _search_protocol(protocol)
+    folds = make_folds(data, sp)
+    tr, va = folds.splits[0]
+    trial_seed = sp.seed * 100_003 + trial.number  # as fmnist_search.objective seeds the trial
+    seed = trial_seed if seed is None else seed
+    card: dict[str, Any] = {}
+    try:
+        if final_fit:
+            if final_epochs is None:
+                final_epochs, rule = default_final_epochs(
+                    trial, sp.epochs, len(tr), len(data.y_train)
+                )
+            else:
+                rule = "given on the command line (--final-epochs)"
+            res = _fit(
+                cfg, data.x_train, data.y_train, None, None, epochs=final_epochs, seed=seed,
+                num_classes=data.num_classes, number=trial.number, progress=progress,
+            )
+            card["final_fit"] = True
+            card["final_fit_note"] = (
+                f"retrained from scratch on all {len(data.y_train)} training images for "
+                f"{final_epochs} epoch(s); no validation data was held out, so val_accuracy "
+                "is the search's estimate for this architecture, not a measurement of this model"
+            )
+            train_images = len(data.y_train)
+        else:
+            if final_epochs is not None:
+                raise ExportError(
+                    "--final-epochs applies to the final fit; drop it or --no-final-fit"
+                )
+            final_epochs, rule = sp.epochs, "the trial's own epochs (--no-final-fit)"
+            res = _fit(
+                cfg, folds.x[tr], folds.y[tr], folds.x[va], folds.y[va], epochs=sp.epochs,
+                seed=seed, num_classes=data.num_classes, number=trial.number, progress=progress,
+            )
+            card["final_fit"] = False
+            card["final_fit_note"] = (
+                "the search does not store weights, so this model was retrained with the trial's "
+                f"own protocol: the same {len(tr)} training images"
+                + (" (fold 1 of the K folds)" if sp.cv >= 2 else "")
+                + f", {sp.epochs} epoch(s), seed {seed}; the weights are those of the epoch "
+                f"with the best validation accuracy (epoch {res.best_epoch}, "
+                f"{res.best_val_accuracy:.4f} vs the search's {trial.value:.4f})"
+            )
+            card["reproduced_val_accuracy"] = res.best_val_accuracy
+            card["reproduced_best_epoch"] = res.best_epoch
+            train_images = len(tr)
+    except InvalidConfigError as e:
+        raise ExportError(f"trial {trial.number}: cannot build its config: {e}") from None
+    except DivergedError as e:
+        raise ExportError(f"trial {trial.number}: the final fit diverged ({e}); "
+                          "try --seed or --final-epochs") from None
+    model = res.model
+    if model is None or not math.isfinite(res.history.get("loss", [math.nan])[-1]):
+        raise ExportError(f"trial {trial.number}: the final fit did not produce a usable model")
+    metrics = _evaluate(model, data)  # the one and only look at the test images
+    ua = trial.user_attrs
+    card = {
+        "format_version": CARD_VERSION,
+        "study": study.study_name,
+        "trial": trial.number,
+        "architecture": cfg.summary(),
+        "params": int(model.count_params()),
+        "test_accuracy": metrics["test_accuracy"],
+        "val_accuracy": trial.value,
+        "val_accuracy_std": ua.get("val_accuracy_std"),
+        **card,
+        "final_epochs": final_epochs,
+        "final_epochs_rule": rule,
+        "train_images": train_images,
+        "train_time_s": round(res.wall_time, 3),
+        "seed": seed,
+        "test_images": metrics["test_images"],
+        "per_class": metrics["per_class"],
+        "macro_avg": metrics["macro_avg"],
+        "weighted_avg": metrics["weighted_avg"],
+        "confusion_matrix": metrics["confusion_matrix"],
+        "confusion_matrix_axes": "rows: true class, columns: predicted class (class_names order)",
+        "class_names": list(data.class_names),
+        "input": {
+            "shape": [28, 28, 1],
+            "dtype": "float32",
+            "scaling": "pixel / 255, so values in [0, 1]",
+            "polarity": "light item on a dark background, as in Fashion-MNIST",
+        },
+        "output": "softmax probabilities, one per class_names entry",
+        "config": cfg.to_dict(),
+        "protocol": protocol,
+        "data_sha256": dict(sorted(data.sha256.items())),
+        "command_line": list(sys.argv if command_line is None else command_line),
+        "library_versions": _library_versions(),
+        "baselines": baseline_comparison(study, protocol),
+        "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    path = write_export(model, card, out_dir)
+    # Only now, with the export in place: the leaderboard's "test" column points at a real model.
+    annotate_trial(study, trial, "test_accuracy", metrics["test_accuracy"])
+    annotate_trial(study, trial, "test_final_fit", bool(card["final_fit"]))
+    return path
+
+
+def annotate_trial(study: optuna.Study, trial: FrozenTrial, key: str, value: Any) -> bool:
+    """Set a user attribute on a finished trial; False (with a warning) where impossible.
+
+    Optuna's storages refuse to update a finished trial, so for the RDB storages the
+    attribute row is upserted directly, and the in-process cached copy is updated as well.
+    """
+    from optuna.exceptions import UpdateFinishedTrialError
+    from optuna.storages import InMemoryStorage, RDBStorage
+
+    storage = study._storage
+    try:
+        storage.set_trial_user_attr(trial._trial_id, key, value)
+        return True
+    except UpdateFinishedTrialError:
+        pass
+    backend = getattr(storage, "_backend", storage)  # _CachedStorage wraps the RDBStorage
+    try:
+        if isinstance(backend, RDBStorage):
+            from optuna.storages._rdb import models
+            from optuna.storages._rdb.storage import _create_scoped_session
+
+            row_cls = models.TrialUserAttributeModel
+            with _create_scoped_session(backend.scoped_session) as session:
+                row = (
+                    session.query(row_cls)
+                    .filter(row_cls.trial_id == trial._trial_id, row_cls.key == key)
+                    .one_or_none()
+                )
+                if row is None:
+                    row = row_cls(trial_id=trial._trial_id, key=key)
+                    session.add(row)
+                row.value_json = json.dumps(value)
+        elif isinstance(storage, InMemoryStorage):
+            stored = storage._get_trial(trial._trial_id)
+            stored.user_attrs = {**stored.user_attrs, key: value}
+        else:
+            raise TypeError(f"unsupported storage {type(storage).__name__}")
+    except Exception as e:  # the export is already in place; only the leaderboard column is lost
+        msg = f"could not store {key} in trial {trial.number}: {_one_line(e)}"
+        warnings.warn(msg, stacklevel=2)
+        return False
+    cached = getattr(storage, "_get_cached_trial", lambda _id: None)(trial._trial_id)
+    for t in (cached, trial):
+        if t is not None:
+            t.user_attrs[key] = value  # the cache keeps finished trials; keep it truthful
+    return True
+
+
+# --------------------------------------------------------------------------- atomic writing
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _save_keras(model: keras.Model, path: Path) -> None:
+    model.save(str(path))
+
+
+def _save_saved_model(model: keras.Model, path: Path) -> None:
+    model.export(str(path), format="tf_saved_model", verbose=False)
+
+
+def _write_card(path: Path, card: dict[str, Any]) -> None:
+    path.write_text(json.dumps(_jsonable(card), indent=2, allow_nan=False) + "\n", encoding="utf-8")
+
+
+def write_sums(root: Path) -> Path:
+    """Write root/SHA256SUMS over every other file below root (`sha256sum -c` format)."""
+    rels = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+    lines = [f"{sha256_file(root / rel)}  {rel}\n" for rel in rels if rel != SUMS_FILE]
+    out = root / SUMS_FILE
+    out.write_text("".join(lines), encoding="utf-8")
+    return out
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    # Files first, then their directories, so the renames below publish durable content.
+    for p in sorted(root.rglob("*"), key=lambda q: len(q.parts), reverse=True):
+        _fsync_path(p)
+    _fsync_path(root)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # glibc < 2.28, musl...
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EPERM):
+        return False  # kernel or file system without exchange: fall back to two renames
+    raise OSError(code, os.strerror(code), str(b))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _clean_leftovers(out_dir: Path) -> None:
+    """Remove temporaries of dead exports; restore an old export a crash left moved aside."""
+    for kind in ("old", "tmp"):  # "old" first: it may be the only complete export left
+        for p in sorted(out_dir.parent.glob(f"{out_dir.name}.{kind}-*")):
+            pid = p.name.rsplit("-", 1)[1]
+            if pid.isdigit() and int(pid) != os.getpid() and _pid_alive(int(pid)):
+                continue  # another live process is exporting here
+            if kind == "old" and not out_dir.exists() and (p / SUMS_FILE).is_file():
+                os.rename(p, out_dir)
+            else:
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def _swap_into_place(tmp: Path, out_dir: Path) -> None:
+    if not out_dir.exists():
+        os.rename(tmp, out_dir)
+    elif _exchange(tmp, out_dir):
+        _fsync_path(out_dir.parent)
+        shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the previous export
+    else:
+        old = out_dir.parent / f"{out_dir.name}.old-{os.getpid()}"
+        os.rename(out_dir, old)
+        try:
+            os.rename(tmp, out_dir)
+        except BaseException:
+            os.rename(old, out_dir)
+            raise
+        _fsync_path(out_dir.parent)
+        shutil.rmtree(old, ignore_errors=True)
+    _fsync_path(out_dir.parent)
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+
+
+def write_export(model: keras.Model, card: dict[str, Any], out_dir: Path) -> Path:
+    """Write one exported model to `out_dir`, replacing any previous export atomically.
+
+    Writes model.keras, saved_model/, model_card.json and SHA256SUMS into a temporary
+    sibling, fsyncs them, then swaps the directory into place.
+
+    Returns:
+        `out_dir`.
+
+    Raises:
+        ExportError: One line; the previous export (if any) is left as it was.
+    """
+    out_dir = Path(out_dir).absolute()
+    tmp = out_dir.parent / f"{out_dir.name}.tmp-{os.getpid()}"
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        _clean_leftovers(out_dir)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        _save_keras(model, tmp / MODEL_FILE)
+        _save_saved_model(model, tmp / SAVED_MODEL_DIR)
+        _write_card(tmp / CARD_FILE, card)
+        write_sums(tmp)
+        _fsync_tree(tmp)
+        _swap_into_place(tmp, out_dir)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            raise ExportError(f"disk full while exporting to {out_dir}") from None
+        if isinstance(e, OSError):
+            where = f" ({e.filename})" if e.filename else ""
+            why = e.strerror or str(e)
+            raise ExportError(f"cannot write the export to {out_dir}: {why}{where}") from None
+        if isinstance(e, Exception):
+            raise ExportError(f"export to {out_dir} failed: {_one_line(e)}") from None
+        raise  # KeyboardInterrupt and friends: cleaned up, then propagate
+    return out_dir
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def build_parser(prog: str) -> argparse.ArgumentParser:
+    """Parser of `run_search.py export`."""
+    from .cli import Parser, add_storage_args, int_at_least
+
+    p = Parser(
+        prog=prog,
+        description="Retrain the best (or a chosen) trial of a stored study on all training "
+        "images, evaluate it once on the test set, and export it to results/<study>/best_model/.",
+    )
+    p.add_argument("--data-dir", default=None,
+                   help="the study's IDX files (default: the search order of run_search.py)")
+    p.add_argument("--trial", type=int_at_least(0), default=None,
+                   help="export this trial (must be complete) instead of the best one")
+    p.add_argument("--final-epochs", type=int_at_least(1), default=None,
+                   help="epochs of the final fit (default: from the trial's peak epoch, "
+                   "see README)")
+    p.add_argument("--no-final-fit", action="store_true",
+                   help="retrain with the trial's own split and epochs instead of all "
+                   "training images")
+    p.add_argument("--seed", type=int_at_least(0), default=None,
+                   help="initial-weights seed (default: the trial's own seed)")
+    p.add_argument("--no-progress", action="store_true", help="no live progress bars")
+    add_storage_args(p)
+    return p
+
+
+def _command_line(args: argparse.Namespace) -> list[str]:
+    """The export command as given (rebuilt from args: main() may not come from sys.argv)."""
+    from .study import redact
+
+    line = ["run_search.py", "export", "--study-name", args.study_name]
+    line += ["--results-dir", str(args.results_dir)]
+    if args.storage:
+        line += ["--storage", redact(args.storage)]
+    if args.data_dir:
+        line += ["--data-dir", str(args.data_dir)]
+    optional = {"--trial": args.trial, "--final-epochs": args.final_epochs, "--seed": args.seed}
+    for flag, value in optional.items():
+        if value is not None:
+            line += [flag, str(value)]
+    return line + (["--no-final-fit"] if args.no_final_fit else [])
+
+
+def run(args: argparse.Namespace) -> int:
+    """`run_search.py export`: returns the exit code; user errors are one line on stderr."""
+    from . import study as st
+    from .cli import (
+        EXIT_INTERRUPTED,
+        EXIT_RUNTIME,
+        StoredStudyError,
+        UsageError,
+        err,
+        import_tensorflow_quietly,
+        load_stored_study,
+    )
+
+    if args.no_final_fit and args.final_epochs is not None:
+        raise UsageError("--final-epochs and --no-final-fit exclude each other")
+    try:
+        study = load_stored_study(args)
+        trial = pick_trial(study, args.trial)  # fail fast, before loading data or TensorFlow
+        stored_protocol(study)
+    except (StoredStudyError, ExportError) as e:
+        err(str(e))
+        return EXIT_RUNTIME
+    import_tensorflow_quietly()
+    from rich.console import Console
+
+    from .data import DataError, load_dataset
+
+    console = Console(stderr=True)
+    try:
+        data = load_dataset(args.data_dir, warn=lambda m: None)
+        check_data(study, data)
+    except (DataError, ExportError) as e:
+        err(str(e))
+        return EXIT_RUNTIME
+    out_dir = st.study_dir(args.results_dir, args.study_name) / EXPORT_DIR
+    start = time.perf_counter()
+    try:
+        with FitProgress(disable=args.no_progress) as progress:
+            export_study(
+                study, data, out_dir, trial_number=trial.number, final_epochs=args.final_epochs,
+                final_fit=not args.no_final_fit, seed=args.seed, command_line=_command_line(args),
+                progress=progress,
+            )
+    except ExportError as e:
+        err(str(e))
+        return EXIT_RUNTIME
+    except KeyboardInterrupt:
+        err("interrupted; the previous export (if any) is unchanged")
+        return EXIT_INTERRUPTED
+    card = json.loads((out_dir / CARD_FILE).read_text(encoding="utf-8"))
+    console.print(f"[dim]done in {time.perf_counter() - start:.0f}s[/dim]", highlight=False)
+    print(f"exported trial {card['trial']} ({card['architecture']}) to {out_dir}")
+    print(f"test accuracy {card['test_accuracy']:.4f} on {card['test_images']} test images "
+          f"(search's val accuracy {card['val_accuracy']:.4f}); final fit: "
+          + ("yes" if card["final_fit"] else "no") + f", {card['final_epochs']} epoch(s)")
+    print(f"model card: {out_dir / CARD_FILE}")
+    return 0

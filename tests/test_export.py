@@ -1,0 +1,314 @@
+"""Export: final fit, one test evaluation, model card, checksums, atomic replace, the CLI."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+import pytest
+from idx_utils import make_synthetic_idx_dir
+from optuna.distributions import FloatDistribution
+from optuna.trial import TrialState
+
+from fmnist_search import export as ex
+from fmnist_search import study as st
+from fmnist_search.cli import main
+from fmnist_search.data import Dataset
+from fmnist_search.objective import Objective, SearchProtocol, make_folds
+from searchspace import space_from_dict
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+NAME = "syn"
+SPACE = space_from_dict(
+    {"n_blocks": [1, 1], "filters": [8], "dense_layers": [0, 0], "batch_size": [32],
+     "optimizer": ["adam"], "learning_rate": {"low": 0.003, "high": 0.01, "log": True}}
+)
+PROTOCOL = SearchProtocol(epochs=2, seed=0)
+CARD_KEYS = {
+    "test_accuracy", "val_accuracy", "val_accuracy_std", "params", "config", "architecture",
+    "study", "trial", "seed", "command_line", "protocol", "final_fit", "final_epochs",
+    "train_time_s", "per_class", "confusion_matrix", "class_names", "data_sha256",
+    "library_versions", "baselines", "exported_at",
+}
+
+
+def _protocol_attr(data: Dataset) -> dict[str, Any]:
+    # What cmd_search stores in the study.
+    return {
+        **PROTOCOL.to_dict(),
+        "space": SPACE.to_dict(),
+        "data_sha256": dict(sorted(data.sha256.items())),
+        "num_classes": data.num_classes,
+        "class_names": list(data.class_names),
+    }
+
+
+def _open(results: Path, name: str, data: Dataset) -> optuna.Study:
+    return st.open_study(
+        st.default_storage(results, name), name, optuna.samplers.RandomSampler(seed=0),
+        optuna.pruners.NopPruner(), _protocol_attr(data),
+    )
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory: pytest.TempPathFactory, tiny_dataset: Dataset) -> tuple[Path, Any]:
+    """results/syn/study.db with one complete trial (0) and one pruned trial (1)."""
+    results = tmp_path_factory.mktemp("export") / "results"
+    study = _open(results, NAME, tiny_dataset)
+    study.optimize(Objective(make_folds(tiny_dataset, PROTOCOL), SPACE, PROTOCOL), n_trials=1)
+    study.add_trial(
+        optuna.trial.create_trial(
+            state=TrialState.PRUNED, params={"lr": 0.01},
+            distributions={"lr": FloatDistribution(1e-4, 1e-1, log=True)},
+            user_attrs={"config": study.trials[0].user_attrs["config"]},
+        )
+    )
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.PRUNED]
+    return results, study
+
+
+@pytest.fixture(scope="module")
+def exported(searched: tuple[Path, Any], tiny_dataset: Dataset) -> tuple[Path, Any, Any]:
+    """export_study with a 1-epoch final fit; returns (dir, in-process model, study)."""
+    results, study = searched
+    captured: dict[str, Any] = {}
+    real_write = ex.write_export
+
+    def capture(model: Any, card: dict[str, Any], out_dir: Path) -> Path:
+        captured["model"] = model
+        return real_write(model, card, out_dir)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ex, "write_export", capture)
+        out = ex.export_study(study, tiny_dataset, results / "a" / "best_model", final_epochs=1,
+                              command_line=["test"])
+    return out, captured["model"], study
+
+
+def _sha256sum_ok(d: Path) -> None:
+    r = subprocess.run(["sha256sum", "--quiet", "-c", "SHA256SUMS"], cwd=d, capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def _only_line(text: str) -> str:
+    lines = text.strip().splitlines()
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_default_final_epochs_rule() -> None:
+    def trial(best: int) -> Any:
+        return optuna.trial.create_trial(value=0.9, user_attrs={"best_epoch": best})
+
+    # Holdout 50k of 60k: x1.2; peaked before the end, no extension.
+    assert ex.default_final_epochs(trial(5), 10, 50_000, 60_000)[0] == 6
+    # Peaked at the last epoch: x1.5 more; capped at twice the trial's epochs.
+    n, why = ex.default_final_epochs(trial(3), 3, 50_000, 60_000)
+    assert n == 6 and "still improving" in why
+    assert ex.default_final_epochs(trial(1), 1, 50_000, 60_000)[0] == 2
+    # A --train-subset search: the data ratio is capped, not x60.
+    assert ex.default_final_epochs(trial(4), 10, 1_000, 60_000)[0] == 5
+    # No best_epoch stored: taken from the mean validation curve.
+    hist = json.dumps([{"val_accuracy": [0.5, 0.7, 0.6]}, {"val_accuracy": [0.5, 0.8, 0.7]}])
+    t = optuna.trial.create_trial(value=0.9, user_attrs={"history": hist})
+    assert ex.default_final_epochs(t, 3, 60_000, 60_000)[0] == 2
+
+
+def test_export_round_trip(exported: tuple[Path, Any, Any], tiny_dataset: Dataset,
+                           tmp_path: Path) -> None:
+    out, model, study = exported
+    names = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert {"model.keras", "model_card.json", "SHA256SUMS", "saved_model/saved_model.pb"} <= {
+        *names
+    }
+    assert sorted(p.name for p in out.parent.iterdir()) == ["best_model"]  # no temporaries left
+    _sha256sum_ok(out)
+
+    card = json.loads((out / "model_card.json").read_text())
+    assert CARD_KEYS <= set(card)
+    trial = study.trials[0]
+    assert card["trial"] == 0 and card["study"] == NAME and card["final_fit"] is True
+    assert card["final_epochs"] == 1 and card["train_images"] == 240
+    assert card["val_accuracy"] == pytest.approx(trial.value)
+    assert card["config"] == json.loads(trial.user_attrs["config"])
+    assert card["params"] == trial.user_attrs["params"] and card["command_line"] == ["test"]
+    assert card["seed"] == 0 * 100_003 + 0  # the trial's own seed
+    assert np.array(card["confusion_matrix"]).sum() == 60 and len(card["per_class"]) == 10
+    assert set(card["per_class"]["0"]) == {"precision", "recall", "f1", "support"}
+    assert set(card["library_versions"]) == {"python", "tensorflow", "keras", "optuna", "numpy",
+                                             "sklearn"}
+    assert {b["name"] for b in card["baselines"]["models"]} >= {"mlm_cnn_sgd", "lenet5_tanh"}
+    assert card["protocol"]["data_sha256"] == card["data_sha256"] == tiny_dataset.sha256
+    # The leaderboard's test column.
+    stored = study.trials[0].user_attrs
+    assert stored["test_accuracy"] == pytest.approx(card["test_accuracy"])
+    pred = np.argmax(model.predict(tiny_dataset.x_test, verbose=0), axis=1)
+    assert card["test_accuracy"] == pytest.approx(float(np.mean(pred == tiny_dataset.y_test)))
+
+    # A fresh process with plain Keras/TF only (no project code, clean cwd, no PYTHONPATH).
+    x = tiny_dataset.x_test[:16]
+    np.save(tmp_path / "x.npy", x)
+    code = (
+        "import sys, numpy as np, keras, tensorflow as tf\n"
+        "m = keras.saving.load_model(sys.argv[1] + '/model.keras', safe_mode=True)\n"
+        "x = np.load(sys.argv[2])\n"
+        "np.save(sys.argv[3], m.predict(x, verbose=0))\n"
+        "sm = tf.saved_model.load(sys.argv[1] + '/saved_model')  # keep a reference: TF needs it\n"
+        "np.save(sys.argv[4], sm.serve(x).numpy())\n"
+        "bad = [k for k in sys.modules if k.split('.')[0] in ('fmnist_search', 'searchspace')]\n"
+        "assert not bad, bad\n"
+    )
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    r = subprocess.run(
+        [sys.executable, "-c", code, str(out), str(tmp_path / "x.npy"), str(tmp_path / "k.npy"),
+         str(tmp_path / "s.npy")], cwd=clean, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    expected = model.predict(x, verbose=0)
+    np.testing.assert_allclose(np.load(tmp_path / "k.npy"), expected, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(np.load(tmp_path / "s.npy"), expected, rtol=0, atol=1e-5)
+
+
+def test_export_cli_end_to_end_and_replace(
+    searched: tuple[Path, Any], synthetic_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    results, study = searched
+    base = ["export", "--study-name", NAME, "--results-dir", str(results),
+            "--data-dir", str(synthetic_dir), "--no-progress"]
+    assert main([*base, "--final-epochs", "1"]) == 0
+    out_text = capsys.readouterr().out
+    best = st.study_dir(results, NAME) / "best_model"
+    assert str(best) in out_text and "test accuracy" in out_text
+    assert str(best / "model_card.json") in out_text
+    _sha256sum_ok(best)
+    first = json.loads((best / "model_card.json").read_text())
+    assert first["final_fit"] is True and first["final_epochs"] == 1
+    assert first["command_line"][:2] == ["run_search.py", "export"]
+
+    # Again, with the trial's own protocol: the new export replaces the old one whole.
+    assert main([*base, "--no-final-fit"]) == 0
+    card = json.loads((best / "model_card.json").read_text())
+    assert card["final_fit"] is False and card["final_epochs"] == PROTOCOL.epochs
+    assert card["train_images"] == len(make_folds_train(synthetic_dir))
+    assert "retrained with the trial's own protocol" in card["final_fit_note"]
+    # Same split, epochs and seed as the trial: its validation score is reproduced.
+    assert card["reproduced_val_accuracy"] == pytest.approx(study.trials[0].value, abs=0.051)
+    _sha256sum_ok(best)
+    assert sorted(p.name for p in best.parent.iterdir()) == ["best_model", "study.db"]
+    trial = optuna.load_study(study_name=NAME, storage=st.default_storage(results, NAME)).trials[0]
+    assert trial.user_attrs["test_accuracy"] == pytest.approx(card["test_accuracy"])
+    assert trial.user_attrs["test_final_fit"] is False
+
+
+def make_folds_train(synthetic_dir: Path) -> np.ndarray:
+    from fmnist_search.data import load_dataset
+
+    data = load_dataset(synthetic_dir, download=False, warn=lambda m: None)
+    return make_folds(data, PROTOCOL).splits[0][0]
+
+
+def test_interrupted_export_leaves_previous_intact(
+    exported: tuple[Path, Any, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src, model, _ = exported
+    out = tmp_path / "best_model"
+    shutil.copytree(src, out)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    def full_disk(root: Path) -> Path:
+        (root / "SHA256SUMS").write_text("partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ex, "write_sums", full_disk)
+    with pytest.raises(ex.ExportError, match="^disk full while exporting to .*best_model$"):
+        ex.write_export(model, {"trial": 99}, out)
+    assert [p.name for p in tmp_path.iterdir()] == ["best_model"]
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    _sha256sum_ok(out)
+    monkeypatch.undo()
+
+    # Where the atomic exchange is unsupported: two renames, and still nothing left over.
+    monkeypatch.setattr(ex, "_exchange", lambda a, b: False)
+    ex.write_export(model, {"trial": 7}, out)
+    assert json.loads((out / "model_card.json").read_text()) == {"trial": 7}
+    assert [p.name for p in tmp_path.iterdir()] == ["best_model"]
+    _sha256sum_ok(out)
+
+    # A crash between those two renames left only the moved-aside export: it is put back,
+    # and a dead process's temporary directory is removed.
+    dead = 2**22 + 12345  # above Linux's default pid_max: never a live process
+    out.rename(tmp_path / f"best_model.old-{dead}")
+    (tmp_path / f"best_model.tmp-{dead}").mkdir()
+    ex._clean_leftovers(out)
+    assert [p.name for p in tmp_path.iterdir()] == ["best_model"]
+    _sha256sum_ok(out)
+
+
+def test_trial_not_complete_or_missing_refused(
+    searched: tuple[Path, Any], synthetic_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    results, _ = searched
+    base = ["export", "--study-name", NAME, "--results-dir", str(results),
+            "--data-dir", str(synthetic_dir)]
+    assert main([*base, "--trial", "1"]) == 1
+    assert "trial 1 is pruned, not complete" in _only_line(capsys.readouterr().err)
+    assert main([*base, "--trial", "42"]) == 1
+    assert "no trial 42" in _only_line(capsys.readouterr().err)
+
+
+def test_no_complete_trial_refused(tiny_dataset: Dataset, synthetic_dir: Path, tmp_path: Path,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    study = _open(tmp_path, "empty", tiny_dataset)
+    study.add_trial(optuna.trial.create_trial(state=TrialState.FAIL))
+    code = main(["export", "--study-name", "empty", "--results-dir", str(tmp_path),
+                 "--data-dir", str(synthetic_dir)])
+    assert code == 1
+    assert "no complete trial" in _only_line(capsys.readouterr().err)
+    assert not (tmp_path / "empty" / "best_model").exists()
+
+
+def test_other_data_or_missing_study_refused(
+    searched: tuple[Path, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    results, _ = searched
+    other = make_synthetic_idx_dir(tmp_path / "other", n_train=240, n_test=60, seed=1)
+    base = ["export", "--study-name", NAME, "--results-dir", str(results)]
+    assert main([*base, "--data-dir", str(other)]) == 1
+    assert "differ" in _only_line(capsys.readouterr().err)
+    assert main([*base, "--data-dir", str(tmp_path / "nowhere")]) == 1
+    assert "no such directory" in _only_line(capsys.readouterr().err)
+    assert main(["export", "--study-name", "nope", "--results-dir", str(tmp_path)]) == 1
+    assert "no study 'nope'" in _only_line(capsys.readouterr().err)
+    assert main([*base, "--final-epochs", "2", "--no-final-fit"]) == 2
+    assert "exclude each other" in _only_line(capsys.readouterr().err)
+
+
+def test_baseline_comparison_reads_baselines_study(searched: tuple[Path, Any]) -> None:
+    results, study = searched
+    assert ex.baseline_comparison(study)["remeasured_in"] is None
+    b = optuna.create_study(study_name=f"{NAME}.baselines", storage=study._storage,
+                            direction="maximize")
+    for label, value in (("mlm_cnn_sgd", 0.8), ("mlm_cnn_sgd", 0.9), ("unknown", 0.5), (5, 0.7)):
+        b.add_trial(optuna.trial.create_trial(value=value, user_attrs={"baseline": label}))
+    failed = optuna.trial.create_trial(state=TrialState.FAIL, user_attrs={"baseline": "dense128"})
+    b.add_trial(failed)
+    cmp = ex.baseline_comparison(study, {"x": 1})
+    assert cmp["remeasured_in"] == f"{NAME}.baselines" and cmp["same_protocol"] is None
+    rows = {r["name"]: r for r in cmp["models"]}
+    assert rows["mlm_cnn_sgd"]["remeasured_val_accuracy"] == pytest.approx(0.85)
+    assert rows["mlm_cnn_sgd"]["remeasured_runs"] == 2
+    assert rows["dense128"]["remeasured_val_accuracy"] is None
+    assert rows["mlm_cnn_sgd"]["documented_metric"] == "test"

@@ -1,0 +1,163 @@
+"""Several workers on one study (SQLite and PostgreSQL), killed workers, Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import uuid
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from conftest import popen_cli, run_cli
+from idx_utils import make_synthetic_idx_dir
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+@pytest.fixture(scope="module")
+def slower_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Enough images that a trial runs for a few seconds (to be caught mid-trial)."""
+    return make_synthetic_idx_dir(tmp_path_factory.mktemp("slow"), n_train=3000, n_test=60, seed=1)
+
+
+def _check_exact(study: optuna.Study, n: int) -> None:
+    trials = study.get_trials()
+    assert [t.number for t in trials] == list(range(n)), [(t.number, t.state) for t in trials]
+    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+    assert all(t.value is not None for t in trials if t.state == TrialState.COMPLETE)
+
+
+def _args(data: Path, results: Path, name: str, trials: int, *extra: str) -> list[str]:
+    return ["--trials", str(trials), "--epochs", "1", "--data-dir", str(data), "--results-dir",
+            str(results), "--study-name", name, "--no-progress", *extra]
+
+
+@pytest.mark.parametrize("workers", [2, 4])
+def test_local_workers_on_default_storage(workers: int, synthetic_dir: Path, tmp_path: Path) -> None:
+    n = 2 * workers + 1
+    r = run_cli(*_args(synthetic_dir, tmp_path, "w", n, "--workers", str(workers)))
+    assert r.returncode == 0, r.stderr
+    assert "database is locked" not in r.stderr
+    study = optuna.load_study(study_name="w", storage=f"sqlite:///{tmp_path / 'w' / 'study.db'}")
+    _check_exact(study, n)
+    assert r.stdout.count("Leaderboard") == 1  # shown once, by the parent
+    for i in range(workers):
+        assert "locked" not in (tmp_path / "w" / "logs" / f"worker-{i}.log").read_text()
+
+
+@pytest.mark.parametrize("workers", [2, 4])
+def test_local_workers_on_postgresql(workers: int, pg_url: str, synthetic_dir: Path, tmp_path: Path) -> None:
+    name = f"pgw-{uuid.uuid4().hex[:8]}"
+    n = 2 * workers + 1
+    r = run_cli(*_args(synthetic_dir, tmp_path, name, n, "--workers", str(workers), "--storage", pg_url))
+    assert r.returncode == 0, r.stderr
+    _check_exact(optuna.load_study(study_name=name, storage=pg_url), n)
+    assert "fmnist:fmnist@" not in r.stdout + r.stderr  # password never printed
+
+
+def test_two_machines_share_the_budget(pg_url: str, synthetic_dir: Path, tmp_path: Path) -> None:
+    """The same command on two 'machines' (separate processes) shares --trials."""
+    name = f"pgm-{uuid.uuid4().hex[:8]}"
+    first = run_cli(*_args(synthetic_dir, tmp_path / "a", name, 1, "--storage", pg_url))
+    assert first.returncode == 0, first.stderr  # creates the study, like the first machine
+    procs = [popen_cli(*_args(synthetic_dir, tmp_path / m, name, 7, "--storage", pg_url)) for m in "bc"]
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+    _check_exact(optuna.load_study(study_name=name, storage=pg_url), 7)
+
+
+def _wait_for_running(db: str, name: str, proc: "object", min_finished: int = 1, limit: float = 120) -> int:
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()  # type: ignore[attr-defined]
+        try:
+            trials = optuna.load_study(study_name=name, storage=db).get_trials(deepcopy=False)
+        except Exception:  # not created yet
+            time.sleep(0.2)
+            continue
+        done = [t for t in trials if t.state.is_finished()]
+        running = [t for t in trials if t.state == TrialState.RUNNING and t.last_step is None]
+        if len(done) >= min_finished and running:
+            return running[0].number
+        time.sleep(0.1)
+    raise AssertionError("no trial was caught running")
+
+
+def test_sigkill_mid_trial_then_resume(slower_dir: Path, tmp_path: Path) -> None:
+    args = ["--trials", "4", "--epochs", "3", "--data-dir", str(slower_dir), "--results-dir", str(tmp_path),
+            "--study-name", "k", "--no-progress", "--pruner", "none", "--train-subset", "0"]
+    db = f"sqlite:///{tmp_path / 'k' / 'study.db'}"
+    proc = popen_cli(*args)
+    killed = _wait_for_running(db, "k", proc)
+    before = {t.number: t.value for t in optuna.load_study(study_name="k", storage=db).trials
+              if t.state == TrialState.COMPLETE}
+    os.kill(proc.pid, signal.SIGKILL)  # a real kill -9
+    proc.wait()
+    r = run_cli(*args)
+    assert r.returncode == 0, r.stderr
+    assert "interrupted" in r.stderr
+    study = optuna.load_study(study_name="k", storage=db)
+    trials = study.get_trials()
+    dead = trials[killed]
+    assert dead.state == TrialState.FAIL and "interrupted" in dead.user_attrs["fail_reason"]
+    retries = [t for t in trials if t.system_attrs.get("failed_trial") == killed]
+    assert len(retries) == 1 and retries[0].params == dead.params  # retried, recorded as a retry
+    assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials) == 4
+    for number, value in before.items():
+        assert trials[number].state == TrialState.COMPLETE and trials[number].value == value
+
+
+def test_sigkill_of_one_postgres_worker_is_noticed_by_another(
+    pg_url: str, slower_dir: Path, tmp_path: Path
+) -> None:
+    """With shared storage the heartbeat, not a restart, fails the dead worker's trial."""
+    name = f"pgk-{uuid.uuid4().hex[:8]}"
+    args = ["--trials", "5", "--epochs", "3", "--data-dir", str(slower_dir), "--storage", pg_url,
+            "--study-name", name, "--no-progress", "--pruner", "none", "--train-subset", "0"]
+    hb = {"FMNIST_SEARCH_HEARTBEAT": "1,4"}
+    victim = popen_cli(*args, "--results-dir", str(tmp_path / "a"), **hb)
+    killed = _wait_for_running(pg_url, name, victim)
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait()
+    time.sleep(5)  # past the grace period
+    other = run_cli(*args, "--results-dir", str(tmp_path / "b"), **hb)
+    assert other.returncode == 0, other.stderr
+    trials = optuna.load_study(study_name=name, storage=pg_url).get_trials()
+    assert trials[killed].state == TrialState.FAIL
+    assert any(t.system_attrs.get("failed_trial") == killed for t in trials)
+    assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials) == 5
+
+
+def test_sigint_marks_trial_prints_leaderboard_exit_130(slower_dir: Path, tmp_path: Path) -> None:
+    args = ["--trials", "3", "--epochs", "3", "--data-dir", str(slower_dir), "--results-dir", str(tmp_path),
+            "--study-name", "i", "--no-progress", "--pruner", "none", "--train-subset", "0"]
+    db = f"sqlite:///{tmp_path / 'i' / 'study.db'}"
+    proc = popen_cli(*args)
+    stopped = _wait_for_running(db, "i", proc)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Leaderboard" in out and "Traceback" not in err
+    t = optuna.load_study(study_name="i", storage=db).get_trials()[stopped]
+    assert t.state == TrialState.FAIL and "Ctrl-C" in t.user_attrs["fail_reason"]
+    r = run_cli(*args)  # the same command continues
+    assert r.returncode == 0, r.stderr
+    study = optuna.load_study(study_name="i", storage=db)
+    assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.trials) == 3
+
+
+def test_storage_errors_are_one_line_without_password(synthetic_dir: Path, tmp_path: Path, pg_url: str) -> None:
+    bad_pw = pg_url.replace("fmnist:fmnist@", "fmnist:wrongpass@")
+    r = run_cli(*_args(synthetic_dir, tmp_path, "s", 1, "--storage", bad_pw))
+    assert r.returncode == 1
+    assert "wrongpass" not in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr  # before the data are even read
+    assert r.stderr.startswith("error: cannot open storage postgresql://fmnist:***@")
+    unreachable = "postgresql://u:secret@127.0.0.1:1/db"
+    r = run_cli(*_args(synthetic_dir, tmp_path, "s", 1, "--storage", unreachable))
+    assert r.returncode == 1 and "secret" not in r.stderr and "Traceback" not in r.stderr
