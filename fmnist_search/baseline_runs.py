@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -128,13 +129,19 @@ def study_protocol(protocol: Any, space: SearchSpace, data: Any) -> dict[str, An
 
 
 def resolve_protocol(
-    args: argparse.Namespace, stored: dict[str, Any] | None
+    args: argparse.Namespace,
+    stored: dict[str, Any] | None,
+    given_space: SearchSpace | None = None,
 ) -> tuple[dict[str, Any], SearchSpace]:
     """The protocol settings and space to measure under: the stored ones win.
 
+    Args:
+        args: The parsed flags (UNSET where not given).
+        stored: The main study's stored protocol, None when there is no main study.
+        given_space: The space of --space, when given.
+
     Raises:
         ProtocolConflictError: a flag the user gave differs from the stored protocol.
-        UsageError: a bad --space file.
     """
     settings: dict[str, Any] = {}
     conflicts: list[str] = []
@@ -150,9 +157,6 @@ def resolve_protocol(
         if given is not UNSET and given != settings[key]:
             flag = "--" + key.replace("_", "-")
             conflicts.append(f"{flag} {given} (study: {settings[key]})")
-    given_space = None
-    if args.space is not UNSET and args.space is not None:
-        given_space = load_space_arg(args)
     if stored is None or "space" not in stored:
         space = given_space or SearchSpace()
     else:
@@ -180,21 +184,28 @@ def run(args: argparse.Namespace) -> int:
         Console().print(render_baselines(df, title="Baselines of the seed documents"))
         return 0
     names: list[str] = args.only or [b.name for b in BASELINES]
+    # Bad flags (a bad space file, a bad study name) stop us before anything is written.
+    given_space = None
+    if args.space is not UNSET and args.space is not None:
+        given_space = load_space_arg(args)
     url = storage_url(args)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = None
+    main_protocol = None
+    if args.storage is not None or Path(url.split("sqlite:///", 1)[1]).exists():
+        try:
+            storage = st.make_storage(url)
+        except st.StudyError as e:
+            err(str(e))
+            return EXIT_RUNTIME
+        main_protocol = (study_user_attrs(storage, args.study_name) or {}).get("protocol")
     try:
-        storage = st.make_storage(url)
-    except st.StudyError as e:
-        err(str(e))
-        return EXIT_RUNTIME
-    main_attrs = study_user_attrs(storage, args.study_name)
-    main_protocol = (main_attrs or {}).get("protocol")
-    try:
-        settings, space = resolve_protocol(args, main_protocol)
+        settings, space = resolve_protocol(args, main_protocol, given_space)
     except ProtocolConflictError as e:
         err(str(e))
         return EXIT_RUNTIME
-    console = Console(stderr=True)
+    # soft_wrap: a message stays one line in logs and pipes.
+    console = Console(stderr=True, soft_wrap=True)
     import_tensorflow_quietly()
     from .data import DataError, load_dataset
     from .objective import Objective, SearchProtocol, make_folds
@@ -216,6 +227,13 @@ def run(args: argparse.Namespace) -> int:
             f"({', '.join(diff)}): pass the --data-dir the study was searched on"
         )
         return EXIT_RUNTIME
+    if storage is None:
+        # Only now, with the data verified: the default local storage is created.
+        try:
+            storage = st.make_storage(url)
+        except st.StudyError as e:
+            err(str(e))
+            return EXIT_RUNTIME
     bname = baseline_study_name(args.study_name)
     battrs = study_user_attrs(storage, bname)
     if battrs is not None and args.replace:

@@ -146,6 +146,14 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         g.add_argument("--threads", type=int_at_least(1), default=None,
                        help="CPU threads per worker (default: cores / workers)")
         g.add_argument("--worker-index", type=int_at_least(0), default=None, help=argparse.SUPPRESS)
+        g = p.add_argument_group("export of the best model (after the search)")
+        g.add_argument("--no-export", action="store_true",
+                       help="skip the final fit, test evaluation and export after the search")
+        g.add_argument("--final-epochs", type=int_at_least(1), default=None,
+                       help="epochs of the final fit on all training images (default: from the "
+                       "best trial's peak epoch, see README)")
+        g.add_argument("--no-final-fit", action="store_true",
+                       help="export a retrain of the best trial on its own split instead")
         add_protocol_args(p)
         add_storage_args(p)
         return p
@@ -236,6 +244,8 @@ def load_space_arg(args: argparse.Namespace) -> Any:
 
 def cmd_search(args: argparse.Namespace) -> int:
     """The search: verify data, open or resume the study, run trials, print the leaderboard."""
+    if args.no_final_fit and args.final_epochs is not None:
+        raise UsageError("--final-epochs and --no-final-fit exclude each other")
     space = load_space_arg(args)
     url = storage_url(args)
     import_tensorflow_quietly()
@@ -338,8 +348,41 @@ def cmd_search(args: argparse.Namespace) -> int:
     except st.StudyError as e:
         err(str(e))
         code = EXIT_RUNTIME
+    if code == 0 and not args.no_export:
+        try:
+            code = _export_best(args, study, data, console)
+        except KeyboardInterrupt:
+            console.print("[yellow]interrupted during the export; the previous export (if any) is unchanged[/yellow]")
+            code = EXIT_INTERRUPTED
     _print_leaderboard(study, args.top, console)
     return code
+
+
+def _export_best(args: argparse.Namespace, study: Any, data: Any, console: Any) -> int:
+    """Final fit of the best trial, one test evaluation, and the export (issue: export)."""
+    from .export import EXPORT_DIR, ExportError, FitProgress, export_study
+
+    if not study.best_trials:
+        console.print("[yellow]no complete trial: nothing to export[/yellow]")
+        return 0
+    out_dir = st.study_dir(args.results_dir, args.study_name) / EXPORT_DIR
+    console.print(f"final fit of trial {study.best_trial.number} and export to {out_dir}", highlight=False)
+    try:
+        with FitProgress(disable=args.no_progress) as progress:
+            export_study(study, data, out_dir, final_epochs=args.final_epochs,
+                         final_fit=not args.no_final_fit, command_line=sys.argv, progress=progress)
+    except ExportError as e:
+        err(str(e))
+        return EXIT_RUNTIME
+    import json
+
+    card = json.loads((out_dir / "model_card.json").read_text(encoding="utf-8"))
+    console.print(
+        f"exported trial {card['trial']}: test accuracy [bold]{card['test_accuracy']:.4f}[/bold] "
+        f"({card['final_epochs']} epoch(s) on {card.get('train_images', 'all')} images) -> {out_dir}",
+        highlight=False,
+    )
+    return 0
 
 
 def _run_workers(args: argparse.Namespace, study: Any, sink: Any, console: Any) -> int:
@@ -369,7 +412,7 @@ def _print_leaderboard(study: Any, top: int, console: Any) -> None:
 
     from .leaderboard import leaderboard, render_table
 
-    df = leaderboard(study.get_trials(deepcopy=False))
+    df = leaderboard(st.trials_with_annotations(study))
     Console().print(render_table(df, top=top, title=f"Leaderboard: {study.study_name}"))
 
 
@@ -406,7 +449,7 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     except StoredStudyError as e:
         err(str(e))
         return EXIT_RUNTIME
-    df = leaderboard(study.get_trials(deepcopy=False))
+    df = leaderboard(st.trials_with_annotations(study))
     if args.format == "table":
         from rich.console import Console
 

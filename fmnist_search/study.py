@@ -197,6 +197,19 @@ def open_study(
     return study
 
 
+def trials_with_annotations(study: optuna.Study) -> list[FrozenTrial]:
+    """The study's trials (copies), with what was recorded after they finished merged in.
+
+    Exports record a trial's test accuracy in the study's user attribute
+    `test:<number>` (finished trials are read-only in Optuna).
+    """
+    attrs = study.user_attrs
+    trials = study.get_trials(deepcopy=True)
+    for t in trials:
+        t.user_attrs.update(attrs.get(f"test:{t.number}", {}))
+    return trials
+
+
 def count_finished(study: optuna.Study) -> int:
     """Complete + pruned trials: the ones `--trials` counts."""
     return len(study.get_trials(deepcopy=False, states=FINISHED))

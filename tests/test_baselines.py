@@ -200,3 +200,17 @@ def test_baselines_list_trains_nothing(tmp_path: Path, capsys: pytest.CaptureFix
     assert main(["baselines", "--list", "--results-dir", str(tmp_path / "r")]) == 0
     out = capsys.readouterr().out
     assert all(name in out for name in BY_NAME) and not (tmp_path / "r").exists()
+
+
+def test_baselines_bad_space_or_missing_data_write_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "space.yaml"
+    bad.write_text("pooling: [max, median]\n")
+    results = tmp_path / "r"
+    common = ["baselines", "--only", "dense128", "--results-dir", str(results)]
+    assert main([*common, "--space", str(bad)]) == 2
+    assert main([*common, "--data-dir", str(tmp_path / "nowhere")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "'pooling'" in err[0] and "nowhere" in err[1]
+    assert not results.exists()

@@ -112,12 +112,14 @@ def test_default_final_epochs_rule() -> None:
 
     # Holdout 50k of 60k: x1.2; peaked before the end, no extension.
     assert ex.default_final_epochs(trial(5), 10, 50_000, 60_000)[0] == 6
-    # Peaked at the last epoch: x1.5 more; capped at twice the trial's epochs.
+    # Peaked at the last epoch: x2 more.
     n, why = ex.default_final_epochs(trial(3), 3, 50_000, 60_000)
-    assert n == 6 and "still improving" in why
-    assert ex.default_final_epochs(trial(1), 1, 50_000, 60_000)[0] == 2
-    # A --train-subset search: the data ratio is capped, not x60.
-    assert ex.default_final_epochs(trial(4), 10, 1_000, 60_000)[0] == 5
+    assert n == 8 and "still improving" in why
+    # The default search (20,000 images, 3 epochs) still improving: capped at 5 x 3.
+    assert ex.default_final_epochs(trial(3), 3, 20_000, 60_000)[0] == 15
+    assert ex.default_final_epochs(trial(2), 3, 20_000, 60_000)[0] == 6
+    # A tiny --train-subset search: the data ratio is capped at 3, not x60.
+    assert ex.default_final_epochs(trial(4), 10, 1_000, 60_000)[0] == 12
     # No best_epoch stored: taken from the mean validation curve.
     hist = json.dumps([{"val_accuracy": [0.5, 0.7, 0.6]}, {"val_accuracy": [0.5, 0.8, 0.7]}])
     t = optuna.trial.create_trial(value=0.9, user_attrs={"history": hist})
@@ -150,7 +152,7 @@ def test_export_round_trip(exported: tuple[Path, Any, Any], tiny_dataset: Datase
     assert {b["name"] for b in card["baselines"]["models"]} >= {"mlm_cnn_sgd", "lenet5_tanh"}
     assert card["protocol"]["data_sha256"] == card["data_sha256"] == tiny_dataset.sha256
     # The leaderboard's test column.
-    stored = study.trials[0].user_attrs
+    stored = st.trials_with_annotations(study)[0].user_attrs
     assert stored["test_accuracy"] == pytest.approx(card["test_accuracy"])
     pred = np.argmax(model.predict(tiny_dataset.x_test, verbose=0), axis=1)
     assert card["test_accuracy"] == pytest.approx(float(np.mean(pred == tiny_dataset.y_test)))
@@ -208,7 +210,8 @@ def test_export_cli_end_to_end_and_replace(
     assert card["reproduced_val_accuracy"] == pytest.approx(study.trials[0].value, abs=0.051)
     _sha256sum_ok(best)
     assert sorted(p.name for p in best.parent.iterdir()) == ["best_model", "study.db"]
-    trial = optuna.load_study(study_name=NAME, storage=st.default_storage(results, NAME)).trials[0]
+    reloaded = optuna.load_study(study_name=NAME, storage=st.default_storage(results, NAME))
+    trial = st.trials_with_annotations(reloaded)[0]
     assert trial.user_attrs["test_accuracy"] == pytest.approx(card["test_accuracy"])
     assert trial.user_attrs["test_final_fit"] is False
 
