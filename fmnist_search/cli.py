@@ -140,6 +140,9 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         g.add_argument("--max-failures", type=int_at_least(1), default=10,
                        help="stop after this many failed trials in a row (default: 10)")
         g.add_argument("--top", type=int_at_least(1), default=10, help="rows of the final table (default: 10)")
+        g.add_argument("--warm-start", action="store_true",
+                       help="enqueue the nearest points of the space to the seed documents' baselines "
+                       "as the first trials")
         g.add_argument("--no-progress", action="store_true", help="plain log lines, no live bars")
         g.add_argument("--workers", type=int_at_least(1), default=1,
                        help="worker processes on this machine sharing the study (default: 1)")
@@ -159,7 +162,8 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         return p
     if command == "leaderboard":
         p = Parser(prog=prog, description="Re-render the leaderboard of a stored study (no training).")
-        p.add_argument("--top", type=int_at_least(1), default=10, help="rows to show (default: 10)")
+        p.add_argument("--top", type=int_at_least(1), default=None,
+                       help="rows to show (default: 10 in the table, all rows in csv/markdown/json)")
         p.add_argument("--format", choices=("table", "csv", "markdown", "json"), default="table")
         add_storage_args(p)
         return p
@@ -221,6 +225,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as e:
         err(str(e))
         return EXIT_USAGE
+    except OSError as e:  # a full disk, a read-only results directory...
+        where = f" ({e.filename})" if e.filename else ""
+        err(f"{e.strerror or e}{where}; what is stored so far is kept: rerun to continue")
+        return EXIT_RUNTIME
+    except Exception as e:
+        # Storage failures (e.g. SQLite "database or disk is full", a lost PostgreSQL
+        # connection) surface as SQLAlchemy errors: one line, password redacted.
+        if type(e).__module__.startswith("sqlalchemy"):
+            first = (str(getattr(e, "orig", None) or e).strip().splitlines() or [""])[0]
+            err(f"storage error: {st.redact(first)}; what is stored so far is kept: rerun to continue")
+            return EXIT_RUNTIME
+        raise
 
 
 def storage_url(args: argparse.Namespace) -> str:
@@ -260,12 +276,14 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     # Failed trials are reported by our own lines; Optuna would add their tracebacks.
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    try:
-        # Connect before the data are read: a bad URL or password fails in a second.
-        storage = st.make_storage(url)
-    except st.StudyError as e:
-        err(str(e))
-        return EXIT_RUNTIME
+    storage = None
+    if not url.startswith("sqlite"):
+        try:
+            # Connect before the data are read: a bad URL or password fails in a second.
+            storage = st.make_storage(url)
+        except st.StudyError as e:
+            err(str(e))
+            return EXIT_RUNTIME
     try:
         data = load_dataset(args.data_dir, warn=lambda m: console.print(f"[yellow]warning:[/yellow] {m}"))
     except DataError as e:
@@ -289,7 +307,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         set_threads(args.threads or 1)
     try:
         study = st.open_study(
-            storage, args.study_name,
+            storage or st.make_storage(url), args.study_name,
             # Each worker its own stream of proposals, all fixed by --seed.
             st.make_sampler(args.sampler, args.seed + (args.worker_index or 0)),
             st.make_pruner(args.pruner, protocol.steps), stored_protocol,
@@ -312,6 +330,12 @@ def cmd_search(args: argparse.Namespace) -> int:
             err(str(e))
             return EXIT_RUNTIME
         return 0
+    if args.warm_start:
+        from .baseline_runs import warm_start
+
+        queued = warm_start(study, space)
+        if queued:
+            console.print(f"warm start: enqueued the nearest points to {', '.join(queued)}", highlight=False)
     done = st.count_finished(study)
     console.print(
         f"study [bold]{args.study_name}[/bold] ({st.redact(url)}): {done} of {args.trials} trials finished; "
@@ -354,7 +378,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             console.print("[yellow]interrupted during the export; the previous export (if any) is unchanged[/yellow]")
             code = EXIT_INTERRUPTED
-    _print_leaderboard(study, args.top, console)
+    _print_leaderboard(study, args.top, console, results_dir=args.results_dir)
     return code
 
 
@@ -407,13 +431,31 @@ def _run_workers(args: argparse.Namespace, study: Any, sink: Any, console: Any) 
     return EXIT_RUNTIME
 
 
-def _print_leaderboard(study: Any, top: int, console: Any) -> None:
+def _print_leaderboard(study: Any, top: int, console: Any, results_dir: str | None = None) -> None:
+    """Print the ranked table; with `results_dir`, also write leaderboard.csv/.md/.json."""
     from rich.console import Console
 
     from .leaderboard import leaderboard, render_table
 
-    df = leaderboard(st.trials_with_annotations(study))
+    df = study_leaderboard(study, warn=lambda m: console.print(f"[yellow]warning:[/yellow] {m}"))
     Console().print(render_table(df, top=top, title=f"Leaderboard: {study.study_name}"))
+    if results_dir is not None:
+        from .leaderboard import write_leaderboard_files
+
+        try:
+            write_leaderboard_files(df, st.study_dir(results_dir, study.study_name))
+        except OSError as e:
+            err(f"could not write the leaderboard files: {e.strerror or e}")
+
+
+def study_leaderboard(study: Any, warn: Callable[[str], None] | None = None) -> Any:
+    """The study's leaderboard DataFrame with its measured and documented baselines."""
+    from searchspace.baselines import BASELINES
+
+    from .leaderboard import leaderboard, load_baseline_trials
+
+    baselines = load_baseline_trials(study._storage, study.study_name, warn=warn)
+    return leaderboard(st.trials_with_annotations(study), baselines=baselines, documented=BASELINES)
 
 
 class StoredStudyError(Exception):
@@ -442,24 +484,38 @@ def load_stored_study(args: argparse.Namespace) -> Any:
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
     """Re-render a stored study's leaderboard without training."""
-    from .leaderboard import leaderboard, render_table
+    import pandas as pd
+
+    from .leaderboard import render_table
 
     try:
         study = load_stored_study(args)
     except StoredStudyError as e:
         err(str(e))
         return EXIT_RUNTIME
-    df = leaderboard(st.trials_with_annotations(study))
+    df = study_leaderboard(study, warn=lambda m: print(f"warning: {m}", file=sys.stderr))
+    from .leaderboard import write_leaderboard_files
+
+    try:
+        write_leaderboard_files(df, st.study_dir(args.results_dir, args.study_name))
+    except OSError as e:
+        err(f"could not write the leaderboard files: {e.strerror or e}")
     if args.format == "table":
         from rich.console import Console
 
-        Console().print(render_table(df, top=args.top, title=f"Leaderboard: {study.study_name}"))
-    elif args.format == "csv":
-        sys.stdout.write(df.head(args.top).to_csv(index=False))
+        Console().print(render_table(df, top=args.top or 10, title=f"Leaderboard: {study.study_name}"))
+        return 0
+    if args.top:
+        # --top limits the ranked rows; unranked ones (pruned, failed, baselines not yet
+        # measured) are always listed apart, never dropped.
+        ranked = df["rank"].notna()
+        df = pd.concat([df[ranked].head(args.top), df[~ranked]])
+    if args.format == "csv":
+        sys.stdout.write(df.to_csv(index=False))
     elif args.format == "markdown":
-        sys.stdout.write(df.head(args.top).to_markdown(index=False) + "\n")
+        sys.stdout.write(df.to_markdown(index=False) + "\n")
     else:
-        sys.stdout.write(df.head(args.top).to_json(orient="records", indent=2) + "\n")
+        sys.stdout.write(df.to_json(orient="records", indent=2) + "\n")
     return 0
 
 

@@ -106,7 +106,11 @@ def test_end_to_end_search_resume_and_leaderboard(tmp_path: Path, synthetic_dir:
     r = _run(*lb, "--format", "json")
     assert r.returncode == 0, r.stderr
     rows = json.loads(r.stdout)
-    assert len(rows) == 4 and rows[0]["rank"] == 1
+    trials = [row for row in rows if row["kind"] == "trial"]
+    assert len(trials) == 4 and rows[0]["rank"] == 1
+    assert {row["trial"] for row in rows if row["kind"] == "baseline"} >= {"lenet5_tanh"}  # documented
+    assert (tmp_path / "res" / "e2e" / "leaderboard.csv").exists()
+    assert (tmp_path / "res" / "e2e" / "best_model" / "model.keras").exists()  # the search exported
     r = _run(*lb, "--format", "csv")
     assert r.stdout.startswith("rank,trial,")
     r = _run("leaderboard", "--study-name", "nope", "--results-dir", str(tmp_path / "res"))

@@ -240,13 +240,16 @@ def test_leaderboard_subcommand_each_format(
     ):
         s.add_trial(t)
     args = ["leaderboard", "--study-name", "lb", "--results-dir", str(tmp_path / "res")]
-    assert main([*args, "--format", fmt, "--top", "3"]) == 0
+    assert main([*args, "--format", fmt, "--top", "1"]) == 0
     out = capsys.readouterr().out
     if fmt == "json":
         rows = json.loads(out)
-        assert [r["rank"] for r in rows] == [1, 2, None] and rows[2]["state"] == "pruned"
+        # --top limits ranked rows; pruned, failed and unmeasured baselines are always listed.
+        assert [r["rank"] for r in rows if r["rank"] is not None] == [1]
+        assert {r["state"] for r in rows if r["kind"] == "trial"} == {"complete", "pruned", "fail"}
+        assert sum(r["kind"] == "baseline" for r in rows) == 8  # documented, not measured yet
     elif fmt == "csv":
-        assert out.startswith("rank,trial,") and len(out.strip().splitlines()) == 4
+        assert out.startswith("rank,trial,") and len(out.strip().splitlines()) == 1 + 1 + 2 + 8
     elif fmt == "markdown":
         assert out.splitlines()[0].startswith("|") and "pruned" in out
     else:

@@ -161,3 +161,40 @@ def test_storage_errors_are_one_line_without_password(synthetic_dir: Path, tmp_p
     unreachable = "postgresql://u:secret@127.0.0.1:1/db"
     r = run_cli(*_args(synthetic_dir, tmp_path, "s", 1, "--storage", unreachable))
     assert r.returncode == 1 and "secret" not in r.stderr and "Traceback" not in r.stderr
+
+
+def test_disk_full_during_search_keeps_the_study(
+    synthetic_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """SQLite's "database or disk is full": one line, exit 1, the study still opens."""
+    import sqlalchemy
+
+    from fmnist_search import study as st
+    from fmnist_search.cli import main
+
+    args = ["--trials", "2", "--epochs", "1", "--data-dir", str(synthetic_dir), "--results-dir",
+            str(tmp_path), "--study-name", "full", "--no-progress", "--no-export"]
+    assert main(args) == 0
+    real = st.make_storage
+
+    def tiny_disk(url: str) -> optuna.storages.BaseStorage:
+        storage = real(url)
+        engine = storage.engine  # type: ignore[attr-defined]
+
+        @sqlalchemy.event.listens_for(engine, "connect")
+        def _cap(conn, _record):  # type: ignore[no-untyped-def]
+            # The database may not grow any more: what a full disk looks like to SQLite.
+            pages = conn.execute("PRAGMA page_count").fetchone()[0]
+            conn.execute(f"PRAGMA max_page_count = {pages}")
+
+        engine.dispose()
+        return storage
+
+    monkeypatch.setattr(st, "make_storage", tiny_disk)
+    code = main([*args[:1], "40", *args[2:]])
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert "full" in err and "Traceback" not in err
+    monkeypatch.undo()
+    study = optuna.load_study(study_name="full", storage=st.default_storage(tmp_path, "full"))
+    assert sum(t.state == TrialState.COMPLETE or t.state == TrialState.PRUNED for t in study.trials) >= 2
