@@ -94,7 +94,9 @@ def _storage(s: str) -> str:
 
 def add_storage_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("storage")
-    g.add_argument("--study-name", type=_study_name, default="fmnist", help="study name (default: fmnist)")
+    g.add_argument(
+        "--study-name", type=_study_name, default="fmnist", help="study name (default: fmnist)"
+    )
     g.add_argument("--results-dir", default="results", help="where runs write (default: ./results)")
     g.add_argument(
         "--storage",
@@ -107,18 +109,43 @@ def add_storage_args(p: argparse.ArgumentParser) -> None:
 
 def add_protocol_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data and protocol (fixed per study)")
-    g.add_argument("--data-dir", default=None, help="directory with the four IDX .gz files "
-                   "(default: $FMNIST_DATA_DIR, Keras' cache, /usr/share/datasets/fashion-mnist, download)")
-    g.add_argument("--epochs", type=int_at_least(1), default=3, help="epochs per trial (per fold) (default: 3)")
-    g.add_argument("--cv", type=_cv, default=0, help="K-fold cross-validation with K>=2 folds (default: 0 = holdout)")
-    g.add_argument("--val-size", type=int_at_least(1), default=10_000,
-                   help="holdout validation images (default: 10000 of the 60000)")
-    g.add_argument("--train-subset", type=_train_subset, default=DEFAULT_TRAIN_SUBSET,
-                   help="each trial trains on a stratified subset of N training images of its split "
-                   f"(validation images are not reduced); 0 = all (default: {DEFAULT_TRAIN_SUBSET})")
-    g.add_argument("--seed", type=int_at_least(0), default=0,
-                   help="fixes the split, the sampler and the initial weights (default: 0)")
-    g.add_argument("--space", default=None, help="YAML or JSON file overriding the default search space")
+    g.add_argument(
+        "--data-dir",
+        default=None,
+        help="directory with the four IDX .gz files "
+        "(default: $FMNIST_DATA_DIR, Keras' cache, /usr/share/datasets/fashion-mnist, download)",
+    )
+    g.add_argument(
+        "--epochs", type=int_at_least(1), default=3, help="epochs per trial (per fold) (default: 3)"
+    )
+    g.add_argument(
+        "--cv",
+        type=_cv,
+        default=0,
+        help="K-fold cross-validation with K>=2 folds (default: 0 = holdout)",
+    )
+    g.add_argument(
+        "--val-size",
+        type=int_at_least(1),
+        default=10_000,
+        help="holdout validation images (default: 10000 of the 60000)",
+    )
+    g.add_argument(
+        "--train-subset",
+        type=_train_subset,
+        default=DEFAULT_TRAIN_SUBSET,
+        help="each trial trains on a stratified subset of N training images of its split "
+        f"(validation images are not reduced); 0 = all (default: {DEFAULT_TRAIN_SUBSET})",
+    )
+    g.add_argument(
+        "--seed",
+        type=int_at_least(0),
+        default=0,
+        help="fixes the split, the sampler and the initial weights (default: 0)",
+    )
+    g.add_argument(
+        "--space", default=None, help="YAML or JSON file overriding the default search space"
+    )
 
 
 def build_parser(command: str) -> argparse.ArgumentParser:
@@ -131,39 +158,85 @@ def build_parser(command: str) -> argparse.ArgumentParser:
             "`run_search.py leaderboard --help`.",
         )
         g = p.add_argument_group("search")
-        g.add_argument("--trials", type=int_at_least(1), default=50,
-                       help="finished (complete or pruned) trials wanted in the study in total; "
-                       "rerunning continues up to this count (default: 50)")
-        g.add_argument("--timeout", type=positive_float, default=None, help="stop starting trials after SECONDS")
-        g.add_argument("--sampler", choices=st.SAMPLERS, default="tpe", help="default: tpe (seeded)")
-        g.add_argument("--pruner", choices=st.PRUNERS, default="hyperband", help="default: hyperband")
-        g.add_argument("--max-failures", type=int_at_least(1), default=10,
-                       help="stop after this many failed trials in a row (default: 10)")
-        g.add_argument("--top", type=int_at_least(1), default=10, help="rows of the final table (default: 10)")
-        g.add_argument("--warm-start", action="store_true",
-                       help="enqueue the nearest points of the space to the seed documents' baselines "
-                       "as the first trials")
+        g.add_argument(
+            "--trials",
+            type=int_at_least(1),
+            default=50,
+            help="finished (complete or pruned) trials wanted in the study in total; "
+            "rerunning continues up to this count (default: 50)",
+        )
+        g.add_argument(
+            "--timeout",
+            type=positive_float,
+            default=None,
+            help="stop starting trials after SECONDS",
+        )
+        g.add_argument(
+            "--sampler", choices=st.SAMPLERS, default="tpe", help="default: tpe (seeded)"
+        )
+        g.add_argument(
+            "--pruner", choices=st.PRUNERS, default="hyperband", help="default: hyperband"
+        )
+        g.add_argument(
+            "--max-failures",
+            type=int_at_least(1),
+            default=10,
+            help="stop after this many failed trials in a row (default: 10)",
+        )
+        g.add_argument(
+            "--top", type=int_at_least(1), default=10, help="rows of the final table (default: 10)"
+        )
+        g.add_argument(
+            "--warm-start",
+            action="store_true",
+            help="enqueue the nearest points of the space to the seed documents' baselines "
+            "as the first trials",
+        )
         g.add_argument("--no-progress", action="store_true", help="plain log lines, no live bars")
-        g.add_argument("--workers", type=int_at_least(1), default=1,
-                       help="worker processes on this machine sharing the study (default: 1)")
-        g.add_argument("--threads", type=int_at_least(1), default=None,
-                       help="CPU threads per worker (default: cores / workers)")
+        g.add_argument(
+            "--workers",
+            type=int_at_least(1),
+            default=1,
+            help="worker processes on this machine sharing the study (default: 1)",
+        )
+        g.add_argument(
+            "--threads",
+            type=int_at_least(1),
+            default=None,
+            help="CPU threads per worker (default: cores / workers)",
+        )
         g.add_argument("--worker-index", type=int_at_least(0), default=None, help=argparse.SUPPRESS)
         g = p.add_argument_group("export of the best model (after the search)")
-        g.add_argument("--no-export", action="store_true",
-                       help="skip the final fit, test evaluation and export after the search")
-        g.add_argument("--final-epochs", type=int_at_least(1), default=None,
-                       help="epochs of the final fit on all training images (default: from the "
-                       "best trial's peak epoch, see README)")
-        g.add_argument("--no-final-fit", action="store_true",
-                       help="export a retrain of the best trial on its own split instead")
+        g.add_argument(
+            "--no-export",
+            action="store_true",
+            help="skip the final fit, test evaluation and export after the search",
+        )
+        g.add_argument(
+            "--final-epochs",
+            type=int_at_least(1),
+            default=None,
+            help="epochs of the final fit on all training images (default: from the "
+            "best trial's peak epoch, see README)",
+        )
+        g.add_argument(
+            "--no-final-fit",
+            action="store_true",
+            help="export a retrain of the best trial on its own split instead",
+        )
         add_protocol_args(p)
         add_storage_args(p)
         return p
     if command == "leaderboard":
-        p = Parser(prog=prog, description="Re-render the leaderboard of a stored study (no training).")
-        p.add_argument("--top", type=int_at_least(1), default=None,
-                       help="rows to show (default: 10 in the table, all rows in csv/markdown/json)")
+        p = Parser(
+            prog=prog, description="Re-render the leaderboard of a stored study (no training)."
+        )
+        p.add_argument(
+            "--top",
+            type=int_at_least(1),
+            default=None,
+            help="rows to show (default: 10 in the table, all rows in csv/markdown/json)",
+        )
         p.add_argument("--format", choices=("table", "csv", "markdown", "json"), default="table")
         add_storage_args(p)
         return p
@@ -183,7 +256,7 @@ def _split_command(argv: Sequence[str]) -> tuple[str, list[str]]:
 
 
 def import_tensorflow_quietly() -> None:
-    """Import Keras/TensorFlow with fd 2 muted: its C++ start-up lines can't be silenced otherwise."""
+    """Import Keras/TensorFlow with fd 2 muted (its C++ start-up lines ignore log levels)."""
     import os
 
     if "keras" in sys.modules or os.environ.get("FMNIST_SEARCH_TF_LOGS"):
@@ -234,7 +307,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         # connection) surface as SQLAlchemy errors: one line, password redacted.
         if type(e).__module__.startswith("sqlalchemy"):
             first = (str(getattr(e, "orig", None) or e).strip().splitlines() or [""])[0]
-            err(f"storage error: {st.redact(first)}; what is stored so far is kept: rerun to continue")
+            err(
+                f"storage error: {st.redact(first)}; "
+                "what is stored so far is kept: rerun to continue"
+            )
             return EXIT_RUNTIME
         raise
 
@@ -285,12 +361,18 @@ def cmd_search(args: argparse.Namespace) -> int:
             err(str(e))
             return EXIT_RUNTIME
     try:
-        data = load_dataset(args.data_dir, warn=lambda m: console.print(f"[yellow]warning:[/yellow] {m}"))
+        data = load_dataset(
+            args.data_dir, warn=lambda m: console.print(f"[yellow]warning:[/yellow] {m}")
+        )
     except DataError as e:
         err(str(e))
         return EXIT_RUNTIME
     protocol = SearchProtocol(
-        epochs=args.epochs, cv=args.cv, val_size=args.val_size, train_subset=args.train_subset or None, seed=args.seed
+        epochs=args.epochs,
+        cv=args.cv,
+        val_size=args.val_size,
+        train_subset=args.train_subset or None,
+        seed=args.seed,
     )
     folds = make_folds(data, protocol)
     stored_protocol = {
@@ -307,10 +389,12 @@ def cmd_search(args: argparse.Namespace) -> int:
         set_threads(args.threads or 1)
     try:
         study = st.open_study(
-            storage or st.make_storage(url), args.study_name,
+            storage or st.make_storage(url),
+            args.study_name,
             # Each worker its own stream of proposals, all fixed by --seed.
             st.make_sampler(args.sampler, args.seed + (args.worker_index or 0)),
-            st.make_pruner(args.pruner, protocol.steps), stored_protocol,
+            st.make_pruner(args.pruner, protocol.steps),
+            stored_protocol,
         )
     except st.StudyError as e:
         err(str(e))
@@ -319,11 +403,18 @@ def cmd_search(args: argparse.Namespace) -> int:
         # The default local study has one owner: a RUNNING trial is a leftover of a crash.
         stale = st.fail_stale_trials(study)
         if stale:
-            console.print(f"[yellow]marked interrupted trial(s) {stale} as failed; each is retried[/yellow]")
+            console.print(
+                f"[yellow]marked interrupted trial(s) {stale} as failed; each is retried[/yellow]"
+            )
     if worker:
         try:
-            st.run_trials(study, Objective(folds, space, protocol), args.trials, timeout=args.timeout,
-                          max_consecutive_failures=args.max_failures)
+            st.run_trials(
+                study,
+                Objective(folds, space, protocol),
+                args.trials,
+                timeout=args.timeout,
+                max_consecutive_failures=args.max_failures,
+            )
         except KeyboardInterrupt:
             return EXIT_INTERRUPTED
         except st.StudyError as e:
@@ -335,11 +426,14 @@ def cmd_search(args: argparse.Namespace) -> int:
 
         queued = warm_start(study, space)
         if queued:
-            console.print(f"warm start: enqueued the nearest points to {', '.join(queued)}", highlight=False)
+            console.print(
+                f"warm start: enqueued the nearest points to {', '.join(queued)}", highlight=False
+            )
     done = st.count_finished(study)
     console.print(
-        f"study [bold]{args.study_name}[/bold] ({st.redact(url)}): {done} of {args.trials} trials finished; "
-        f"{len(folds.splits)} split(s): {len(folds.splits[0][0])} training / {len(folds.splits[0][1])} "
+        f"study [bold]{args.study_name}[/bold] ({st.redact(url)}): "
+        f"{done} of {args.trials} trials finished; {len(folds.splits)} split(s): "
+        f"{len(folds.splits[0][0])} training / {len(folds.splits[0][1])} "
         f"validation images, {protocol.epochs} epoch(s) per trial, "
         f"sampler {args.sampler}, pruner {args.pruner}, seed {args.seed}",
         highlight=False,
@@ -363,11 +457,18 @@ def cmd_search(args: argparse.Namespace) -> int:
                 set_threads(args.threads)
             with sink:
                 st.run_trials(
-                    study, objective, args.trials, timeout=args.timeout, callbacks=[sink],
+                    study,
+                    objective,
+                    args.trials,
+                    timeout=args.timeout,
+                    callbacks=[sink],
                     max_consecutive_failures=args.max_failures,
                 )
     except KeyboardInterrupt:
-        console.print("[yellow]interrupted: the running trial is marked failed; rerun the same command to continue[/yellow]")
+        console.print(
+            "[yellow]interrupted: the running trial is marked failed; "
+            "rerun the same command to continue[/yellow]"
+        )
         code = EXIT_INTERRUPTED
     except st.StudyError as e:
         err(str(e))
@@ -376,7 +477,10 @@ def cmd_search(args: argparse.Namespace) -> int:
         try:
             code = _export_best(args, study, data, console)
         except KeyboardInterrupt:
-            console.print("[yellow]interrupted during the export; the previous export (if any) is unchanged[/yellow]")
+            console.print(
+                "[yellow]interrupted during the export; "
+                "the previous export (if any) is unchanged[/yellow]"
+            )
             code = EXIT_INTERRUPTED
     _print_leaderboard(study, args.top, console, results_dir=args.results_dir)
     return code
@@ -390,11 +494,20 @@ def _export_best(args: argparse.Namespace, study: Any, data: Any, console: Any) 
         console.print("[yellow]no complete trial: nothing to export[/yellow]")
         return 0
     out_dir = st.study_dir(args.results_dir, args.study_name) / EXPORT_DIR
-    console.print(f"final fit of trial {study.best_trial.number} and export to {out_dir}", highlight=False)
+    console.print(
+        f"final fit of trial {study.best_trial.number} and export to {out_dir}", highlight=False
+    )
     try:
         with FitProgress(disable=args.no_progress) as progress:
-            export_study(study, data, out_dir, final_epochs=args.final_epochs,
-                         final_fit=not args.no_final_fit, command_line=sys.argv, progress=progress)
+            export_study(
+                study,
+                data,
+                out_dir,
+                final_epochs=args.final_epochs,
+                final_fit=not args.no_final_fit,
+                command_line=sys.argv,
+                progress=progress,
+            )
     except ExportError as e:
         err(str(e))
         return EXIT_RUNTIME
@@ -403,7 +516,8 @@ def _export_best(args: argparse.Namespace, study: Any, data: Any, console: Any) 
     card = json.loads((out_dir / "model_card.json").read_text(encoding="utf-8"))
     console.print(
         f"exported trial {card['trial']}: test accuracy [bold]{card['test_accuracy']:.4f}[/bold] "
-        f"({card['final_epochs']} epoch(s) on {card.get('train_images', 'all')} images) -> {out_dir}",
+        f"({card['final_epochs']} epoch(s) on {card.get('train_images', 'all')} images) "
+        f"-> {out_dir}",
         highlight=False,
     )
     return 0
@@ -416,7 +530,9 @@ def _run_workers(args: argparse.Namespace, study: Any, sink: Any, console: Any) 
     threads = args.threads or default_threads(args.workers)
     argv = [a for a in args.argv]
     log_dir = st.study_dir(args.results_dir, args.study_name) / "logs"
-    console.print(f"{args.workers} workers x {threads} thread(s); worker logs in {log_dir}", highlight=False)
+    console.print(
+        f"{args.workers} workers x {threads} thread(s); worker logs in {log_dir}", highlight=False
+    )
     procs = spawn(argv, args.workers, threads, log_dir)
     with sink:
         codes = watch(study, procs, sink)
@@ -435,7 +551,7 @@ def _print_leaderboard(study: Any, top: int, console: Any, results_dir: str | No
     """Print the ranked table; with `results_dir`, also write leaderboard.csv/.md/.json."""
     from rich.console import Console
 
-    from .leaderboard import leaderboard, render_table
+    from .leaderboard import render_table
 
     df = study_leaderboard(study, warn=lambda m: console.print(f"[yellow]warning:[/yellow] {m}"))
     Console().print(render_table(df, top=top, title=f"Leaderboard: {study.study_name}"))
@@ -472,7 +588,9 @@ def load_stored_study(args: argparse.Namespace) -> Any:
 
     url = storage_url(args)
     if args.storage is None and not Path(url.split("sqlite:///", 1)[1]).exists():
-        raise StoredStudyError(f"no study {args.study_name!r} under {args.results_dir} (nothing at {url})")
+        raise StoredStudyError(
+            f"no study {args.study_name!r} under {args.results_dir} (nothing at {url})"
+        )
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         return optuna.load_study(study_name=args.study_name, storage=st.make_storage(url))
@@ -503,7 +621,9 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     if args.format == "table":
         from rich.console import Console
 
-        Console().print(render_table(df, top=args.top or 10, title=f"Leaderboard: {study.study_name}"))
+        Console().print(
+            render_table(df, top=args.top or 10, title=f"Leaderboard: {study.study_name}")
+        )
         return 0
     if args.top:
         # --top limits the ranked rows; unranked ones (pruned, failed, baselines not yet

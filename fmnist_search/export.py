@@ -543,7 +543,8 @@ def annotate_trial(study: optuna.Study, trial: FrozenTrial, key: str, value: Any
         current[key] = value
         study.set_user_attr(name, current)
     except Exception as e:  # the export is already in place; only the leaderboard column is lost
-        warnings.warn(f"could not store {key} for trial {trial.number}: {_one_line(e)}", stacklevel=2)
+        msg = f"could not store {key} for trial {trial.number}: {_one_line(e)}"
+        warnings.warn(msg, stacklevel=2)
         return False
     trial.user_attrs[key] = value
     return True

@@ -165,7 +165,12 @@ class Objective:
             fold_hist: dict[str, list[float]] = {}
             history.append(fold_hist)
 
-            def on_epoch(e: int, logs: dict[str, float], f: int = f) -> None:
+            def on_epoch(
+                e: int,
+                logs: dict[str, float],
+                f: int = f,
+                fold_hist: dict[str, list[float]] = fold_hist,
+            ) -> None:
                 nonlocal epochs_run
                 epochs_run += 1
                 for k, v in logs.items():
@@ -212,7 +217,9 @@ class Objective:
         store("complete")
         mean = float(np.mean(fold_best))
         trial.set_user_attr("fold_scores", [round(s, 6) for s in fold_best])
-        trial.set_user_attr("val_accuracy_std", float(np.std(fold_best)) if len(fold_best) > 1 else 0.0)
+        trial.set_user_attr(
+            "val_accuracy_std", float(np.std(fold_best)) if len(fold_best) > 1 else 0.0
+        )
         trial.set_user_attr("best_epoch", int(round(float(np.mean(best_epochs)))))
         if not math.isfinite(mean):
             trial.set_user_attr("fail_reason", "no validation score")

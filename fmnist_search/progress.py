@@ -59,7 +59,10 @@ class SearchProgress:
 
     def epoch_started(self, number: int, step: int, total_steps: int) -> None:
         self.progress.update(
-            self._epoch, description=f"trial {number} epoch {step}/{total_steps}", completed=0, total=1
+            self._epoch,
+            description=f"trial {number} epoch {step}/{total_steps}",
+            completed=0,
+            total=1,
         )
 
     def batch_done(self, done: int, total: int) -> None:
@@ -80,9 +83,12 @@ class SearchProgress:
         if trial.state == TrialState.COMPLETE:
             msg = f"trial {trial.number} [green]complete[/green] val acc {trial.value:.4f}"
         elif trial.state == TrialState.PRUNED:
-            msg = f"trial {trial.number} [yellow]pruned[/yellow] after {ua.get('epochs_run', '?')} epoch(s)"
+            ran = ua.get("epochs_run", "?")
+            msg = f"trial {trial.number} [yellow]pruned[/yellow] after {ran} epoch(s)"
         else:
-            msg = f"trial {trial.number} [red]failed[/red]: {ua.get('fail_reason', 'unknown error')}"
+            msg = (
+                f"trial {trial.number} [red]failed[/red]: {ua.get('fail_reason', 'unknown error')}"
+            )
         self.console.print(
             f"{msg}  ({ua.get('params', '?'):,} params, {ua.get('wall_time', 0):.0f}s)"
             if isinstance(ua.get("params"), int)

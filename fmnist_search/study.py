@@ -19,7 +19,12 @@ from optuna.trial import FrozenTrial, TrialState
 SAMPLERS = ("tpe", "random", "cmaes", "qmc")
 PRUNERS = ("hyperband", "median", "sha", "none")
 STORAGE_SCHEMES = (
-    "sqlite", "postgresql", "postgresql+psycopg", "postgresql+psycopg2", "mysql", "mysql+pymysql"
+    "sqlite",
+    "postgresql",
+    "postgresql+psycopg",
+    "postgresql+psycopg2",
+    "mysql",
+    "mysql+pymysql",
 )
 # Trials that used up budget: "--trials N" means N of these in the study.
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -76,7 +81,9 @@ def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
 def _make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
     if name == "tpe":
         # multivariate + group handle the define-by-run (conditional) space better.
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, n_startup_trials=10)
+        return optuna.samplers.TPESampler(
+            seed=seed, multivariate=True, group=True, n_startup_trials=10
+        )
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if name == "cmaes":
@@ -90,7 +97,9 @@ def _make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
 def make_pruner(name: str, max_steps: int) -> optuna.pruners.BasePruner:
     """A pruner by name; `max_steps` is epochs x folds (one report per epoch)."""
     if name == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(1, max_steps), reduction_factor=3)
+        return optuna.pruners.HyperbandPruner(
+            min_resource=1, max_resource=max(1, max_steps), reduction_factor=3
+        )
     if name == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1)
     if name == "sha":
@@ -215,7 +224,9 @@ def count_finished(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=FINISHED))
 
 
-def fail_stale_trials(study: optuna.Study, reason: str = "interrupted (process ended mid-trial)") -> list[int]:
+def fail_stale_trials(
+    study: optuna.Study, reason: str = "interrupted (process ended mid-trial)"
+) -> list[int]:
     """Mark RUNNING trials left by a dead local search as FAIL, enqueue a retry of each.
 
     Only for a search that owns its study alone (the default local storage, before its
@@ -246,7 +257,9 @@ class TrialLock:
         self._conn: Any = None
         self._path: str | None = None
         self._engine: Any = None
-        self._key = int.from_bytes(hashlib.sha256(study_name.encode()).digest()[:8], "big", signed=True)
+        self._key = int.from_bytes(
+            hashlib.sha256(study_name.encode()).digest()[:8], "big", signed=True
+        )
         storage = getattr(storage, "_backend", storage)  # studies wrap RDBStorage in a cache
         url = str(getattr(storage, "url", "") or "")
         if url.startswith("sqlite:///"):

@@ -36,20 +36,32 @@ def set_threads(threads: int) -> None:
         pass  # already initialised (in-process tests): keep its setting
 
 
-def spawn(argv: Sequence[str], workers: int, threads: int, log_dir: Path) -> list[subprocess.Popen[bytes]]:
+def spawn(
+    argv: Sequence[str], workers: int, threads: int, log_dir: Path
+) -> list[subprocess.Popen[bytes]]:
     """Start `workers` copies of this search as quiet worker processes, logging to files."""
     log_dir.mkdir(parents=True, exist_ok=True)
     procs = []
     for i in range(workers):
         log = open(log_dir / f"worker-{i}.log", "ab")  # noqa: SIM115 - owned by the child
-        cmd = [sys.executable, "-m", "fmnist_search.cli", *argv, "--worker-index", str(i),
-               "--threads", str(threads)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "fmnist_search.cli",
+            *argv,
+            "--worker-index",
+            str(i),
+            "--threads",
+            str(threads),
+        ]
         procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT))
         log.close()
     return procs
 
 
-def watch(study: optuna.Study, procs: list[subprocess.Popen[bytes]], sink: SearchProgress) -> list[int]:
+def watch(
+    study: optuna.Study, procs: list[subprocess.Popen[bytes]], sink: SearchProgress
+) -> list[int]:
     """Show the study's progress from its storage until every worker has exited.
 
     Ctrl-C is forwarded to the workers (each marks its running trial failed and stops).
@@ -83,5 +95,6 @@ def _show(study: optuna.Study, seen: set[int], sink: SearchProgress) -> None:
             sink(study, t)
     running = [t for t in trials if t.state == TrialState.RUNNING]
     desc = ", ".join(f"trial {t.number} step {t.last_step or 0}/{sink.steps}" for t in running)
-    sink.progress.update(sink._epoch, visible=bool(running), description=desc or "waiting",
-                         completed=0, total=None)
+    sink.progress.update(
+        sink._epoch, visible=bool(running), description=desc or "waiting", completed=0, total=None
+    )

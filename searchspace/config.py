@@ -94,7 +94,7 @@ class CnnConfig:
         return cls.from_dict(json.loads(s))
 
     def summary(self) -> str:
-        """One readable line, e.g. `[C32k3-C32k3 BN max D.25] [C64k3 max] F D128 | adam 1e-3 b128`."""
+        """One readable line, e.g. `[C32k3-C32k3 BN max D0.25] [C64k3 max] F H128 | adam ...`."""
         parts = []
         for b in self.blocks:
             convs = "-".join(
@@ -162,7 +162,11 @@ def validate(cfg: CnnConfig, input_size: int = 28) -> None:
         bad(f"batch_size must be >= 1, got {cfg.batch_size}")
     if not 0.0 <= cfg.momentum < 1.0:
         bad(f"momentum must be in [0, 1), got {cfg.momentum}")
-    dropouts = [cfg.flatten_dropout, *(b.dropout for b in cfg.blocks), *(d.dropout for d in cfg.dense)]
+    dropouts = [
+        cfg.flatten_dropout,
+        *(b.dropout for b in cfg.blocks),
+        *(d.dropout for d in cfg.dense),
+    ]
     if any(not 0.0 <= p < 1.0 for p in dropouts):
         bad(f"dropout rates must be in [0, 1), got {dropouts}")
     for i, b in enumerate(cfg.blocks):

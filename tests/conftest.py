@@ -64,17 +64,25 @@ def cli_env(**extra: str) -> dict[str, str]:
     return {**os.environ, "FMNIST_DATA_DIR": "", "PYTHONPATH": str(ROOT), **extra}
 
 
-def run_cli(*args: str, timeout: int = 300, **env: str) -> "subprocess.CompletedProcess[str]":
+def run_cli(*args: str, timeout: int = 300, **env: str) -> subprocess.CompletedProcess[str]:
     """Run `python run_search.py ARGS` and capture its output."""
     return subprocess.run(
         [sys.executable, str(ROOT / "run_search.py"), *args],
-        capture_output=True, text=True, cwd=ROOT, env=cli_env(**env), timeout=timeout,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=cli_env(**env),
+        timeout=timeout,
     )
 
 
-def popen_cli(*args: str, **env: str) -> "subprocess.Popen[str]":
+def popen_cli(*args: str, **env: str) -> subprocess.Popen[str]:
     """Start `python run_search.py ARGS` in the background."""
     return subprocess.Popen(
         [sys.executable, str(ROOT / "run_search.py"), *args],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=cli_env(**env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env=cli_env(**env),
     )

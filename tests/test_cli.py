@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT
+
 from fmnist_search.cli import main
 
 
@@ -18,7 +18,11 @@ def _run(*args: str, cwd: Path = ROOT, timeout: int = 300) -> subprocess.Complet
     env = {**os.environ, "FMNIST_DATA_DIR": "", "PYTHONPATH": str(ROOT)}
     return subprocess.run(
         [sys.executable, str(ROOT / "run_search.py"), *args],
-        capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout,
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=timeout,
     )
 
 
@@ -82,8 +86,19 @@ def test_truncated_data_exit_1_names_file(tmp_path: Path, synthetic_dir: Path) -
 
 
 def test_end_to_end_search_resume_and_leaderboard(tmp_path: Path, synthetic_dir: Path) -> None:
-    common = ["--data-dir", str(synthetic_dir), "--results-dir", str(tmp_path / "res"),
-              "--study-name", "e2e", "--epochs", "2", "--seed", "3", "--no-progress"]
+    common = [
+        "--data-dir",
+        str(synthetic_dir),
+        "--results-dir",
+        str(tmp_path / "res"),
+        "--study-name",
+        "e2e",
+        "--epochs",
+        "2",
+        "--seed",
+        "3",
+        "--no-progress",
+    ]
     r = _run("--trials", "3", *common)
     assert r.returncode == 0, r.stderr
     assert "Leaderboard" in r.stdout and "complete" in r.stdout
@@ -95,7 +110,9 @@ def test_end_to_end_search_resume_and_leaderboard(tmp_path: Path, synthetic_dir:
 
     import optuna
 
-    study = optuna.load_study(study_name="e2e", storage=f"sqlite:///{tmp_path / 'res' / 'e2e' / 'study.db'}")
+    study = optuna.load_study(
+        study_name="e2e", storage=f"sqlite:///{tmp_path / 'res' / 'e2e' / 'study.db'}"
+    )
     finished = [t for t in study.trials if t.state.is_finished() and t.state.name != "FAIL"]
     assert len(finished) == 4
 
@@ -108,7 +125,9 @@ def test_end_to_end_search_resume_and_leaderboard(tmp_path: Path, synthetic_dir:
     rows = json.loads(r.stdout)
     trials = [row for row in rows if row["kind"] == "trial"]
     assert len(trials) == 4 and rows[0]["rank"] == 1
-    assert {row["trial"] for row in rows if row["kind"] == "baseline"} >= {"lenet5_tanh"}  # documented
+    assert {row["trial"] for row in rows if row["kind"] == "baseline"} >= {
+        "lenet5_tanh"
+    }  # documented
     assert (tmp_path / "res" / "e2e" / "leaderboard.csv").exists()
     assert (tmp_path / "res" / "e2e" / "best_model" / "model.keras").exists()  # the search exported
     r = _run(*lb, "--format", "csv")

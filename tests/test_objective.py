@@ -17,11 +17,21 @@ from searchspace import CnnConfig, ConvBlock, ConvLayer, DenseLayer, SearchSpace
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 SMALL = space_from_dict(
-    {"n_blocks": [1, 1], "filters": [8], "dense_layers": [0, 0], "optimizer": ["adam"],
-     "learning_rate": {"low": 0.003, "high": 0.01, "log": True}, "batch_size": [32]}
+    {
+        "n_blocks": [1, 1],
+        "filters": [8],
+        "dense_layers": [0, 0],
+        "optimizer": ["adam"],
+        "learning_rate": {"low": 0.003, "high": 0.01, "log": True},
+        "batch_size": [32],
+    }
 )
-TINY_CFG = CnnConfig(blocks=(ConvBlock(convs=(ConvLayer(8, 3),)),), dense=(DenseLayer(16),), batch_size=32,
-                     learning_rate=0.005)
+TINY_CFG = CnnConfig(
+    blocks=(ConvBlock(convs=(ConvLayer(8, 3),)),),
+    dense=(DenseLayer(16),),
+    batch_size=32,
+    learning_rate=0.005,
+)
 
 
 class _PruneAtStep(optuna.pruners.BasePruner):
@@ -33,8 +43,11 @@ class _PruneAtStep(optuna.pruners.BasePruner):
 
 
 def _study(pruner: optuna.pruners.BasePruner | None = None) -> optuna.Study:
-    return optuna.create_study(direction="maximize", pruner=pruner or optuna.pruners.NopPruner(),
-                               sampler=optuna.samplers.RandomSampler(seed=0))
+    return optuna.create_study(
+        direction="maximize",
+        pruner=pruner or optuna.pruners.NopPruner(),
+        sampler=optuna.samplers.RandomSampler(seed=0),
+    )
 
 
 def test_holdout_trial_completes_with_attributes(tiny_dataset: Dataset) -> None:
@@ -72,8 +85,14 @@ def test_real_pruner_prunes_some_trials(tiny_dataset: Dataset) -> None:
         sampler=optuna.samplers.RandomSampler(seed=0),
         pruner=optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=0),
     )
-    space = space_from_dict({"n_blocks": [1, 1], "filters": [8], "dense_layers": [0, 0],
-                             "learning_rate": {"low": 1e-5, "high": 1e-2, "log": True}})
+    space = space_from_dict(
+        {
+            "n_blocks": [1, 1],
+            "filters": [8],
+            "dense_layers": [0, 0],
+            "learning_rate": {"low": 1e-5, "high": 1e-2, "log": True},
+        }
+    )
     study.optimize(Objective(make_folds(tiny_dataset, protocol), space, protocol), n_trials=6)
     states = [t.state for t in study.trials]
     assert TrialState.PRUNED in states and TrialState.COMPLETE in states
@@ -111,13 +130,19 @@ def test_nan_loss_fails_trial_with_reason(tiny_dataset: Dataset) -> None:
 
 def test_invalid_config_recorded_and_search_goes_on(tiny_dataset: Dataset) -> None:
     protocol = SearchProtocol(epochs=1)
-    bad = CnnConfig(blocks=tuple(ConvBlock(convs=(ConvLayer(4, 7, padding="valid"),)) for _ in range(3)))
+    bad = CnnConfig(
+        blocks=tuple(ConvBlock(convs=(ConvLayer(4, 7, padding="valid"),)) for _ in range(3))
+    )
 
     def config_fn(trial: optuna.trial.BaseTrial) -> CnnConfig:
         return bad if trial.number == 0 else TINY_CFG
 
     study = _study()
-    run_trials(study, Objective(make_folds(tiny_dataset, protocol), SearchSpace(), protocol, config_fn=config_fn), 1)
+    run_trials(
+        study,
+        Objective(make_folds(tiny_dataset, protocol), SearchSpace(), protocol, config_fn=config_fn),
+        1,
+    )
     assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.COMPLETE]
     assert "collapses" in study.trials[0].user_attrs["fail_reason"]
 

@@ -55,11 +55,24 @@ def test_fixed_trial_rebuilds_identical_config() -> None:
 
 def test_parameter_names_are_flat_and_conditional() -> None:
     params = {
-        "n_blocks": 2, "convs_per_block": 2, "activation": "tanh", "batch_norm": True,
-        "pooling": "avg", "conv_dropout": 0.1, "filters_b0": 32, "kernel_b0": 3,
-        "filters_b1": 64, "kernel_b1": 5, "flatten_dropout": 0.2, "dense_layers": 1,
-        "dense_dropout": 0.3, "dense_units_l0": 128, "optimizer": "sgd",
-        "learning_rate": 0.01, "momentum": 0.9, "batch_size": 64,
+        "n_blocks": 2,
+        "convs_per_block": 2,
+        "activation": "tanh",
+        "batch_norm": True,
+        "pooling": "avg",
+        "conv_dropout": 0.1,
+        "filters_b0": 32,
+        "kernel_b0": 3,
+        "filters_b1": 64,
+        "kernel_b1": 5,
+        "flatten_dropout": 0.2,
+        "dense_layers": 1,
+        "dense_dropout": 0.3,
+        "dense_units_l0": 128,
+        "optimizer": "sgd",
+        "learning_rate": 0.01,
+        "momentum": 0.9,
+        "batch_size": 64,
     }
     cfg = suggest_config(optuna.trial.FixedTrial(params), SearchSpace())
     assert [b.convs[0].filters for b in cfg.blocks] == [32, 64]
@@ -72,7 +85,9 @@ def test_parameter_names_are_flat_and_conditional() -> None:
     small = space_from_dict({"n_blocks": [0, 0], "optimizer": ["adam"], "dense_layers": [0, 0]})
     t = study.ask()
     suggest_config(t, small)
-    assert not any(k.startswith(("filters_b", "kernel_b", "momentum", "dense_units")) for k in t.params)
+    assert not any(
+        k.startswith(("filters_b", "kernel_b", "momentum", "dense_units")) for k in t.params
+    )
 
 
 def test_space_file_yaml_overrides_defaults(tmp_path: Path) -> None:
@@ -109,7 +124,9 @@ def test_invalid_space_file_names_the_problem(tmp_path: Path, content: str, need
 
 def test_collapsing_feature_map_is_rejected_with_reason() -> None:
     cfg = CnnConfig(
-        blocks=tuple(ConvBlock(convs=(ConvLayer(8, 5, padding="valid"),), pool="max") for _ in range(3))
+        blocks=tuple(
+            ConvBlock(convs=(ConvLayer(8, 5, padding="valid"),), pool="max") for _ in range(3)
+        )
     )
     with pytest.raises(InvalidConfigError, match="collapses below 1x1"):
         validate(cfg)

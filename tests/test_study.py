@@ -20,7 +20,9 @@ def _quick(trial: optuna.Trial) -> float:
 
 
 def _open(url: str, protocol: dict | None = None) -> optuna.Study:
-    return st.open_study(url, "s", st.make_sampler("tpe", 0), st.make_pruner("none", 1), protocol or {"epochs": 1})
+    return st.open_study(
+        url, "s", st.make_sampler("tpe", 0), st.make_pruner("none", 1), protocol or {"epochs": 1}
+    )
 
 
 def test_trials_means_total_finished_across_runs(tmp_path: Path) -> None:

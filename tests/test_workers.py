@@ -10,10 +10,9 @@ from pathlib import Path
 
 import optuna
 import pytest
-from optuna.trial import TrialState
-
 from conftest import popen_cli, run_cli
 from idx_utils import make_synthetic_idx_dir
+from optuna.trial import TrialState
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -32,12 +31,26 @@ def _check_exact(study: optuna.Study, n: int) -> None:
 
 
 def _args(data: Path, results: Path, name: str, trials: int, *extra: str) -> list[str]:
-    return ["--trials", str(trials), "--epochs", "1", "--data-dir", str(data), "--results-dir",
-            str(results), "--study-name", name, "--no-progress", *extra]
+    return [
+        "--trials",
+        str(trials),
+        "--epochs",
+        "1",
+        "--data-dir",
+        str(data),
+        "--results-dir",
+        str(results),
+        "--study-name",
+        name,
+        "--no-progress",
+        *extra,
+    ]
 
 
 @pytest.mark.parametrize("workers", [2, 4])
-def test_local_workers_on_default_storage(workers: int, synthetic_dir: Path, tmp_path: Path) -> None:
+def test_local_workers_on_default_storage(
+    workers: int, synthetic_dir: Path, tmp_path: Path
+) -> None:
     n = 2 * workers + 1
     r = run_cli(*_args(synthetic_dir, tmp_path, "w", n, "--workers", str(workers)))
     assert r.returncode == 0, r.stderr
@@ -50,10 +63,14 @@ def test_local_workers_on_default_storage(workers: int, synthetic_dir: Path, tmp
 
 
 @pytest.mark.parametrize("workers", [2, 4])
-def test_local_workers_on_postgresql(workers: int, pg_url: str, synthetic_dir: Path, tmp_path: Path) -> None:
+def test_local_workers_on_postgresql(
+    workers: int, pg_url: str, synthetic_dir: Path, tmp_path: Path
+) -> None:
     name = f"pgw-{uuid.uuid4().hex[:8]}"
     n = 2 * workers + 1
-    r = run_cli(*_args(synthetic_dir, tmp_path, name, n, "--workers", str(workers), "--storage", pg_url))
+    r = run_cli(
+        *_args(synthetic_dir, tmp_path, name, n, "--workers", str(workers), "--storage", pg_url)
+    )
     assert r.returncode == 0, r.stderr
     _check_exact(optuna.load_study(study_name=name, storage=pg_url), n)
     assert "fmnist:fmnist@" not in r.stdout + r.stderr  # password never printed
@@ -64,14 +81,18 @@ def test_two_machines_share_the_budget(pg_url: str, synthetic_dir: Path, tmp_pat
     name = f"pgm-{uuid.uuid4().hex[:8]}"
     first = run_cli(*_args(synthetic_dir, tmp_path / "a", name, 1, "--storage", pg_url))
     assert first.returncode == 0, first.stderr  # creates the study, like the first machine
-    procs = [popen_cli(*_args(synthetic_dir, tmp_path / m, name, 7, "--storage", pg_url)) for m in "bc"]
+    procs = [
+        popen_cli(*_args(synthetic_dir, tmp_path / m, name, 7, "--storage", pg_url)) for m in "bc"
+    ]
     for p in procs:
         out, err = p.communicate(timeout=300)
         assert p.returncode == 0, err
     _check_exact(optuna.load_study(study_name=name, storage=pg_url), 7)
 
 
-def _wait_for_running(db: str, name: str, proc: "object", min_finished: int = 1, limit: float = 120) -> int:
+def _wait_for_running(
+    db: str, name: str, proc: object, min_finished: int = 1, limit: float = 120
+) -> int:
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
         assert proc.poll() is None, proc.communicate()  # type: ignore[attr-defined]
@@ -89,13 +110,31 @@ def _wait_for_running(db: str, name: str, proc: "object", min_finished: int = 1,
 
 
 def test_sigkill_mid_trial_then_resume(slower_dir: Path, tmp_path: Path) -> None:
-    args = ["--trials", "4", "--epochs", "3", "--data-dir", str(slower_dir), "--results-dir", str(tmp_path),
-            "--study-name", "k", "--no-progress", "--pruner", "none", "--train-subset", "0"]
+    args = [
+        "--trials",
+        "4",
+        "--epochs",
+        "3",
+        "--data-dir",
+        str(slower_dir),
+        "--results-dir",
+        str(tmp_path),
+        "--study-name",
+        "k",
+        "--no-progress",
+        "--pruner",
+        "none",
+        "--train-subset",
+        "0",
+    ]
     db = f"sqlite:///{tmp_path / 'k' / 'study.db'}"
     proc = popen_cli(*args)
     killed = _wait_for_running(db, "k", proc)
-    before = {t.number: t.value for t in optuna.load_study(study_name="k", storage=db).trials
-              if t.state == TrialState.COMPLETE}
+    before = {
+        t.number: t.value
+        for t in optuna.load_study(study_name="k", storage=db).trials
+        if t.state == TrialState.COMPLETE
+    }
     os.kill(proc.pid, signal.SIGKILL)  # a real kill -9
     proc.wait()
     r = run_cli(*args)
@@ -117,8 +156,23 @@ def test_sigkill_of_one_postgres_worker_is_noticed_by_another(
 ) -> None:
     """With shared storage the heartbeat, not a restart, fails the dead worker's trial."""
     name = f"pgk-{uuid.uuid4().hex[:8]}"
-    args = ["--trials", "5", "--epochs", "3", "--data-dir", str(slower_dir), "--storage", pg_url,
-            "--study-name", name, "--no-progress", "--pruner", "none", "--train-subset", "0"]
+    args = [
+        "--trials",
+        "5",
+        "--epochs",
+        "3",
+        "--data-dir",
+        str(slower_dir),
+        "--storage",
+        pg_url,
+        "--study-name",
+        name,
+        "--no-progress",
+        "--pruner",
+        "none",
+        "--train-subset",
+        "0",
+    ]
     hb = {"FMNIST_SEARCH_HEARTBEAT": "1,4"}
     victim = popen_cli(*args, "--results-dir", str(tmp_path / "a"), **hb)
     killed = _wait_for_running(pg_url, name, victim)
@@ -134,8 +188,23 @@ def test_sigkill_of_one_postgres_worker_is_noticed_by_another(
 
 
 def test_sigint_marks_trial_prints_leaderboard_exit_130(slower_dir: Path, tmp_path: Path) -> None:
-    args = ["--trials", "3", "--epochs", "3", "--data-dir", str(slower_dir), "--results-dir", str(tmp_path),
-            "--study-name", "i", "--no-progress", "--pruner", "none", "--train-subset", "0"]
+    args = [
+        "--trials",
+        "3",
+        "--epochs",
+        "3",
+        "--data-dir",
+        str(slower_dir),
+        "--results-dir",
+        str(tmp_path),
+        "--study-name",
+        "i",
+        "--no-progress",
+        "--pruner",
+        "none",
+        "--train-subset",
+        "0",
+    ]
     db = f"sqlite:///{tmp_path / 'i' / 'study.db'}"
     proc = popen_cli(*args)
     stopped = _wait_for_running(db, "i", proc)
@@ -151,7 +220,9 @@ def test_sigint_marks_trial_prints_leaderboard_exit_130(slower_dir: Path, tmp_pa
     assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.trials) == 3
 
 
-def test_storage_errors_are_one_line_without_password(synthetic_dir: Path, tmp_path: Path, pg_url: str) -> None:
+def test_storage_errors_are_one_line_without_password(
+    synthetic_dir: Path, tmp_path: Path, pg_url: str
+) -> None:
     bad_pw = pg_url.replace("fmnist:fmnist@", "fmnist:wrongpass@")
     r = run_cli(*_args(synthetic_dir, tmp_path, "s", 1, "--storage", bad_pw))
     assert r.returncode == 1
@@ -164,7 +235,10 @@ def test_storage_errors_are_one_line_without_password(synthetic_dir: Path, tmp_p
 
 
 def test_disk_full_during_search_keeps_the_study(
-    synthetic_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    synthetic_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     """SQLite's "database or disk is full": one line, exit 1, the study still opens."""
     import sqlalchemy
@@ -172,8 +246,20 @@ def test_disk_full_during_search_keeps_the_study(
     from fmnist_search import study as st
     from fmnist_search.cli import main
 
-    args = ["--trials", "2", "--epochs", "1", "--data-dir", str(synthetic_dir), "--results-dir",
-            str(tmp_path), "--study-name", "full", "--no-progress", "--no-export"]
+    args = [
+        "--trials",
+        "2",
+        "--epochs",
+        "1",
+        "--data-dir",
+        str(synthetic_dir),
+        "--results-dir",
+        str(tmp_path),
+        "--study-name",
+        "full",
+        "--no-progress",
+        "--no-export",
+    ]
     assert main(args) == 0
     real = st.make_storage
 
@@ -197,4 +283,7 @@ def test_disk_full_during_search_keeps_the_study(
     assert "full" in err and "Traceback" not in err
     monkeypatch.undo()
     study = optuna.load_study(study_name="full", storage=st.default_storage(tmp_path, "full"))
-    assert sum(t.state == TrialState.COMPLETE or t.state == TrialState.PRUNED for t in study.trials) >= 2
+    assert (
+        sum(t.state == TrialState.COMPLETE or t.state == TrialState.PRUNED for t in study.trials)
+        >= 2
+    )
