@@ -78,6 +78,15 @@ def positive_float(s: str) -> float:
     return v
 
 
+def _objectives(s: str) -> tuple[str, ...]:
+    from .multiobjective import parse_objectives
+
+    try:
+        return parse_objectives(s)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _study_name(s: str) -> str:
     try:
         return st.check_study_name(s)
@@ -154,8 +163,9 @@ def build_parser(command: str) -> argparse.ArgumentParser:
     if command == "search":
         p = Parser(
             prog=prog,
-            description="Search CNN architectures on Fashion-MNIST with Optuna. Other commands: "
-            "`run_search.py leaderboard --help`.",
+            description="Search CNN architectures on Fashion-MNIST with Optuna, then re-train, "
+            "test and export the best. Other commands (each with --help): leaderboard, "
+            "baselines, report, export, predict.",
         )
         g = p.add_argument_group("search")
         g.add_argument(
@@ -185,6 +195,22 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         )
         g.add_argument(
             "--top", type=int_at_least(1), default=10, help="rows of the final table (default: 10)"
+        )
+        g.add_argument(
+            "--objectives",
+            type=_objectives,
+            default=("accuracy",),
+            help="comma list: accuracy (required), params, latency; more than one runs "
+            "a multi-objective search (default: accuracy)",
+        )
+        g.add_argument(
+            "--max-params", type=int_at_least(1), default=None, help="hard limit on parameters"
+        )
+        g.add_argument(
+            "--max-latency-ms",
+            type=positive_float,
+            default=None,
+            help="hard limit on CPU inference ms per image at batch 1",
         )
         g.add_argument(
             "--warm-start",
@@ -348,6 +374,12 @@ def cmd_search(args: argparse.Namespace) -> int:
     import optuna
 
     from .data import DataError, load_dataset
+    from .multiobjective import (
+        MultiObjectivePruning,
+        directions,
+        make_mo_sampler,
+        protocol_entries,
+    )
     from .objective import Objective, SearchProtocol, make_folds
 
     # Failed trials are reported by our own lines; Optuna would add their tracebacks.
@@ -381,7 +413,16 @@ def cmd_search(args: argparse.Namespace) -> int:
         "data_sha256": dict(sorted(data.sha256.items())),
         "num_classes": data.num_classes,
         "class_names": list(data.class_names),
+        **protocol_entries(args.objectives, args.max_params, args.max_latency_ms),
     }
+    multi = len(args.objectives) > 1
+    seed = args.seed + (args.worker_index or 0)  # each worker its own stream, fixed by --seed
+    try:
+        sampler = (
+            make_mo_sampler(args.sampler, seed) if multi else st.make_sampler(args.sampler, seed)
+        )
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     worker = args.worker_index is not None
     if worker:
         from .workers import set_threads
@@ -391,10 +432,11 @@ def cmd_search(args: argparse.Namespace) -> int:
         study = st.open_study(
             storage or st.make_storage(url),
             args.study_name,
-            # Each worker its own stream of proposals, all fixed by --seed.
-            st.make_sampler(args.sampler, args.seed + (args.worker_index or 0)),
-            st.make_pruner(args.pruner, protocol.steps),
+            sampler,
+            # Optuna's pruners don't work on multi-objective studies: MultiObjectivePruning.
+            st.make_pruner("none" if multi else args.pruner, protocol.steps),
             stored_protocol,
+            directions=directions(args.objectives),
         )
     except st.StudyError as e:
         err(str(e))
@@ -406,11 +448,29 @@ def cmd_search(args: argparse.Namespace) -> int:
             console.print(
                 f"[yellow]marked interrupted trial(s) {stale} as failed; each is retried[/yellow]"
             )
+
+    def make_objective(progress: Any = None) -> Objective:
+        mo = None
+        if multi and args.pruner != "none":
+            mo = MultiObjectivePruning(
+                study, study.directions, max_steps=protocol.steps, objectives=args.objectives
+            )
+        return Objective(
+            folds,
+            space,
+            protocol,
+            progress=progress,
+            objectives=args.objectives,
+            max_params=args.max_params,
+            max_latency_ms=args.max_latency_ms,
+            mo_pruning=mo,
+        )
+
     if worker:
         try:
             st.run_trials(
                 study,
-                Objective(folds, space, protocol),
+                make_objective(),
                 args.trials,
                 timeout=args.timeout,
                 max_consecutive_failures=args.max_failures,
@@ -441,9 +501,14 @@ def cmd_search(args: argparse.Namespace) -> int:
     from .progress import SearchProgress
 
     sink = SearchProgress(args.trials, done, protocol.steps, console=console)
-    if study.best_trials:
-        sink.set_best(study.best_value)
-    objective = Objective(folds, space, protocol, progress=sink)
+    from .multiobjective import accuracy_of
+
+    scores = [
+        accuracy_of(t) for t in study.get_trials(deepcopy=False, states=(st.TrialState.COMPLETE,))
+    ]
+    if any(v is not None for v in scores):
+        sink.set_best(max(v for v in scores if v is not None))
+    objective = make_objective(sink)
     code = 0
     if args.no_progress:
         sink.progress.disable = True
@@ -488,21 +553,22 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 def _export_best(args: argparse.Namespace, study: Any, data: Any, console: Any) -> int:
     """Final fit of the best trial, one test evaluation, and the export (issue: export)."""
-    from .export import EXPORT_DIR, ExportError, FitProgress, export_study
+    from .export import EXPORT_DIR, ExportError, FitProgress, export_study, pick_trial
 
-    if not study.best_trials:
-        console.print("[yellow]no complete trial: nothing to export[/yellow]")
+    try:
+        best = pick_trial(study)
+    except ExportError:
+        console.print("[yellow]no complete (feasible) trial: nothing to export[/yellow]")
         return 0
     out_dir = st.study_dir(args.results_dir, args.study_name) / EXPORT_DIR
-    console.print(
-        f"final fit of trial {study.best_trial.number} and export to {out_dir}", highlight=False
-    )
+    console.print(f"final fit of trial {best.number} and export to {out_dir}", highlight=False)
     try:
         with FitProgress(disable=args.no_progress) as progress:
             export_study(
                 study,
                 data,
                 out_dir,
+                trial_number=best.number,
                 final_epochs=args.final_epochs,
                 final_fit=not args.no_final_fit,
                 command_line=sys.argv,
@@ -571,7 +637,13 @@ def study_leaderboard(study: Any, warn: Callable[[str], None] | None = None) -> 
     from .leaderboard import leaderboard, load_baseline_trials
 
     baselines = load_baseline_trials(study._storage, study.study_name, warn=warn)
-    return leaderboard(st.trials_with_annotations(study), baselines=baselines, documented=BASELINES)
+    objectives = study.user_attrs.get("protocol", {}).get("objectives", ["accuracy"])
+    return leaderboard(
+        st.trials_with_annotations(study),
+        baselines=baselines,
+        documented=BASELINES,
+        objectives=objectives,
+    )
 
 
 class StoredStudyError(Exception):

@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .multiobjective import accuracy_of, is_feasible
+
 if TYPE_CHECKING:
     import keras
     import optuna
@@ -87,7 +89,10 @@ def pick_trial(study: optuna.Study, trial_number: int | None = None) -> FrozenTr
         return t
     complete = [
         t for t in trials
-        if t.state == TrialState.COMPLETE and t.value is not None and math.isfinite(t.value)
+        if t.state == TrialState.COMPLETE
+        and (v := accuracy_of(t)) is not None
+        and math.isfinite(v)
+        and is_feasible(t)  # a trial breaking --max-params/--max-latency-ms is not exported
     ]
     if not complete:
         raise ExportError(
@@ -98,7 +103,7 @@ def pick_trial(study: optuna.Study, trial_number: int | None = None) -> FrozenTr
     def key(t: FrozenTrial) -> tuple[float, float, int]:
         params = t.user_attrs.get("params")
         size = float(params) if isinstance(params, int) else math.inf
-        return (-float(t.value or 0.0), size, t.number)
+        return (-float(accuracy_of(t) or 0.0), size, t.number)
 
     return min(complete, key=key)
 
@@ -220,7 +225,7 @@ def baseline_comparison(
         other_protocol = bstudy.user_attrs.get("protocol")
         for t in bstudy.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
             label = t.user_attrs.get("baseline")
-            value = t.value
+            value = accuracy_of(t)
             if isinstance(label, str) and isinstance(value, (int, float)) and math.isfinite(value):
                 measured.setdefault(label, []).append(float(value))
     except Exception:  # no such study, or one we can't read: documented numbers only
@@ -470,7 +475,7 @@ def export_study(
                 + (" (fold 1 of the K folds)" if sp.cv >= 2 else "")
                 + f", {sp.epochs} epoch(s), seed {seed}; the weights are those of the epoch "
                 f"with the best validation accuracy (epoch {res.best_epoch}, "
-                f"{res.best_val_accuracy:.4f} vs the search's {trial.value:.4f})"
+                f"{res.best_val_accuracy:.4f} vs the search's {accuracy_of(trial) or 0:.4f})"
             )
             card["reproduced_val_accuracy"] = res.best_val_accuracy
             card["reproduced_best_epoch"] = res.best_epoch
@@ -492,7 +497,7 @@ def export_study(
         "architecture": cfg.summary(),
         "params": int(model.count_params()),
         "test_accuracy": metrics["test_accuracy"],
-        "val_accuracy": trial.value,
+        "val_accuracy": accuracy_of(trial),
         "val_accuracy_std": ua.get("val_accuracy_std"),
         **card,
         "final_epochs": final_epochs,
@@ -727,8 +732,38 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int_at_least(0), default=None,
                    help="initial-weights seed (default: the trial's own seed)")
     p.add_argument("--no-progress", action="store_true", help="no live progress bars")
+    p.add_argument("--pareto", action="store_true",
+                   help="export every trial on the Pareto front (accuracy vs the study's other "
+                   "objectives, or vs parameters) to results/<study>/pareto/trial-<n>/")
     add_storage_args(p)
     return p
+
+
+def pareto_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """Complete, feasible trials not dominated on (accuracy, params[, latency]) by another.
+
+    The objectives are the study's own (multi-objective) or, for a plain accuracy search,
+    accuracy vs parameter count.
+    """
+    from optuna.trial import TrialState
+
+    from .multiobjective import non_dominated_sort
+
+    objectives = stored_protocol(study).get("objectives") or ["accuracy", "params"]
+    if list(objectives) == ["accuracy"]:
+        objectives = ["accuracy", "params"]
+    done = [
+        t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if accuracy_of(t) is not None and is_feasible(t)
+        and isinstance(t.user_attrs.get("params"), int)
+    ]
+    keys = {"accuracy": lambda t: accuracy_of(t), "params": lambda t: t.user_attrs["params"],
+            "latency": lambda t: t.user_attrs.get("latency_ms_b1", math.inf)}
+    dirs = ["maximize" if o == "accuracy" else "minimize" for o in objectives]
+    points = [[float(keys[o](t)) for o in objectives] for t in done]
+    depth = non_dominated_sort(points, dirs) if points else []
+    front = [t for t, d in zip(done, depth, strict=True) if d == 0]
+    return sorted(front, key=lambda t: -float(accuracy_of(t) or 0.0))
 
 
 def _command_line(args: argparse.Namespace) -> list[str]:
@@ -782,6 +817,8 @@ def run(args: argparse.Namespace) -> int:
     except (DataError, ExportError) as e:
         err(str(e))
         return EXIT_RUNTIME
+    if args.pareto:
+        return _run_pareto(args, study, data, console)
     out_dir = st.study_dir(args.results_dir, args.study_name) / EXPORT_DIR
     start = time.perf_counter()
     try:
@@ -804,4 +841,40 @@ def run(args: argparse.Namespace) -> int:
           f"(search's val accuracy {card['val_accuracy']:.4f}); final fit: "
           + ("yes" if card["final_fit"] else "no") + f", {card['final_epochs']} epoch(s)")
     print(f"model card: {out_dir / CARD_FILE}")
+    return 0
+
+
+def _run_pareto(args: argparse.Namespace, study: optuna.Study, data: Dataset, console: Any) -> int:
+    """`export --pareto`: each front trial to results/<study>/pareto/trial-<n>/, with its card."""
+    from . import study as st
+    from .cli import EXIT_INTERRUPTED, EXIT_RUNTIME, err
+
+    if args.trial is not None:
+        err("--pareto exports the whole front; it takes no --trial")
+        return EXIT_RUNTIME
+    front = pareto_trials(study)
+    if not front:
+        err(f"study {study.study_name!r} has no complete, feasible trial to export")
+        return EXIT_RUNTIME
+    root = st.study_dir(args.results_dir, args.study_name) / "pareto"
+    numbers = ", ".join(str(t.number) for t in front)
+    console.print(f"Pareto front: trials {numbers}", highlight=False)
+    for t in front:
+        out_dir = root / f"trial-{t.number}"
+        try:
+            with FitProgress(disable=args.no_progress) as progress:
+                export_study(
+                    study, data, out_dir, trial_number=t.number, final_epochs=args.final_epochs,
+                    final_fit=not args.no_final_fit, seed=args.seed,
+                    command_line=_command_line(args), progress=progress,
+                )
+        except ExportError as e:
+            err(str(e))
+            return EXIT_RUNTIME
+        except KeyboardInterrupt:
+            err("interrupted; exports already written are complete, the current one unchanged")
+            return EXIT_INTERRUPTED
+        card = json.loads((out_dir / CARD_FILE).read_text(encoding="utf-8"))
+        print(f"trial {t.number}: {card['params']:,} params, test accuracy "
+              f"{card['test_accuracy']:.4f} -> {out_dir}")
     return 0

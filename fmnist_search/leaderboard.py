@@ -24,6 +24,8 @@ from rich.text import Text
 
 from searchspace.baselines import BY_NAME, Baseline
 
+from .multiobjective import accuracy_of, is_feasible, pareto_rank_frame
+
 COLUMNS = [
     "rank",
     "trial",  # the trial number, or the baseline's name
@@ -40,6 +42,8 @@ COLUMNS = [
     "beats",  # the best measured baseline this trial beats
     "margin_pts",  # by how many percentage points
     "pareto",  # no other complete row is at least as accurate and at least as small
+    "latency_ms",  # CPU ms per image at batch 1 (when latency was an objective or a limit)
+    "feasible",  # within --max-params / --max-latency-ms
     "documented_acc",
     "documented_metric",
     "documented_protocol",
@@ -62,14 +66,14 @@ def baseline_study_name(study_name: str) -> str:
 
 def _row(t: FrozenTrial, kind: str, ident: int | str) -> dict[str, Any]:
     ua = t.user_attrs
-    value = t.value if t.state == TrialState.COMPLETE else None
+    # Complete: its score; pruned: the last value it reported before it was stopped.
+    value = accuracy_of(t)
     reason = ""
     if t.state == TrialState.PRUNED:
-        if t.intermediate_values:
-            # The last reported value: what the trial had reached when it was stopped.
-            value = t.intermediate_values[max(t.intermediate_values)]
         step = ua.get("pruned_at_step", max(t.intermediate_values or {0: 0}))
         reason = f"pruned at step {step}"
+        if ua.get("infeasible_reason"):
+            reason = f"infeasible: {ua['infeasible_reason']}"
     elif t.state == TrialState.FAIL:
         reason = str(ua.get("fail_reason", "unknown error"))
     return {
@@ -84,6 +88,8 @@ def _row(t: FrozenTrial, kind: str, ident: int | str) -> dict[str, Any]:
         "train_time_s": ua.get("wall_time"),
         "state": t.state.name.lower(),
         "test_accuracy": ua.get("test_accuracy"),
+        "latency_ms": ua.get("latency_ms_b1"),
+        "feasible": is_feasible(t),
         "reason": reason,
     }
 
@@ -114,8 +120,13 @@ def leaderboard(
     trials: Sequence[FrozenTrial],
     baselines: Sequence[FrozenTrial] | None = None,
     documented: Sequence[Baseline] | None = None,
+    objectives: Sequence[str] = ("accuracy",),
 ) -> pd.DataFrame:
     """Rank complete trials and measured baselines together; pruned and failed rows follow.
+
+    In a multi-objective study (`objectives` beyond accuracy) the ranked rows are ordered by
+    dominance depth (column `front`, 0 = the Pareto front), then accuracy; infeasible rows
+    (outside the limits) follow unranked.
 
     Args:
         trials: The study's trials (RUNNING and WAITING ones are left out).
@@ -159,7 +170,10 @@ def leaderboard(
     df.insert(0, "rank", pd.array(ranks, dtype="Int64"))
     _add_margins(df)
     df["pareto"] = _pareto(df)
-    return _typed(df)
+    df = _typed(df)
+    if len(objectives) > 1:
+        df = pareto_rank_frame(df, objectives)
+    return df
 
 
 def _sorted(df: pd.DataFrame) -> pd.DataFrame:
@@ -212,9 +226,12 @@ def _pareto(df: pd.DataFrame) -> np.ndarray:
 def _typed(df: pd.DataFrame) -> pd.DataFrame:
     for col in ("params", "epochs", "best_epoch"):
         df[col] = pd.array(pd.to_numeric(df[col], errors="coerce").round(), dtype="Int64")
-    for col in ("val_accuracy", "val_std", "train_time_s", "test_accuracy", "documented_acc"):
+    for col in ("val_accuracy", "val_std", "train_time_s", "test_accuracy", "latency_ms",
+                "documented_acc"):
         df[col] = pd.to_numeric(df[col], errors="coerce").astype(float)
     df["pareto"] = df["pareto"].astype(bool)
+    # Baselines and documented rows carry no constraint values: feasible unless known not.
+    df["feasible"] = df["feasible"].astype(object).where(df["feasible"].notna(), True).astype(bool)
     for col in ("architecture", "documented_metric", "documented_protocol", "source", "reason"):
         # Via object: an all-empty column arrives as float NaN, which can't take "" directly.
         df[col] = df[col].astype(object).where(df[col].notna(), "").astype(str)

@@ -6,7 +6,7 @@ import gc
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -20,6 +20,13 @@ from searchspace.suggest import suggest_config
 
 from .data import Dataset, holdout_split, kfold_splits, stratified_subset
 from .model import count_params
+from .multiobjective import (
+    MultiObjectivePruning,
+    config_latency,
+    objective_values,
+    set_constraints,
+    violates_before_training,
+)
 from .training import DivergedError, fit_config
 
 
@@ -108,14 +115,46 @@ class Objective:
         protocol: SearchProtocol,
         progress: ProgressSink | None = None,
         config_fn: Callable[[optuna.trial.BaseTrial], CnnConfig] | None = None,
+        *,
+        objectives: Sequence[str] = ("accuracy",),
+        max_params: int | None = None,
+        max_latency_ms: float | None = None,
+        mo_pruning: MultiObjectivePruning | None = None,
     ) -> None:
         self.folds = folds
         self.space = space
         self.protocol = protocol
         self.progress = progress
         self.config_fn = config_fn or (lambda t: suggest_config(t, space))
+        self.objectives = tuple(objectives)
+        self.max_params = max_params
+        self.max_latency_ms = max_latency_ms
+        self.mo_pruning = mo_pruning
 
-    def __call__(self, trial: optuna.Trial) -> float:
+    def _limits(self, trial: optuna.Trial, cfg: CnnConfig) -> dict[str, float] | None:
+        """Latency (when asked for), constraint values, and a fast stop for a broken limit."""
+        latency = None
+        if "latency" in self.objectives or self.max_latency_ms is not None:
+            latency = config_latency(cfg, self.folds.num_classes)
+            for k, v in latency.items():
+                trial.set_user_attr(k, v)
+        if self.max_params is not None or self.max_latency_ms is not None:
+            set_constraints(trial, self.max_params, self.max_latency_ms)
+            why = violates_before_training(
+                trial.user_attrs["params"],
+                self.max_params,
+                (latency or {}).get("latency_ms_b1"),
+                self.max_latency_ms,
+            )
+            if why:
+                # Pruned, not failed: the sampler sees the constraint values and learns the
+                # limit (failed trials are invisible to it), and no training time is spent.
+                trial.set_user_attr("infeasible_reason", why)
+                trial.set_user_attr("epochs_run", 0)
+                raise optuna.TrialPruned(f"infeasible: {why}")
+        return latency
+
+    def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
         start = time.perf_counter()
         cfg = self.config_fn(trial)
         trial.set_user_attr("config", cfg.to_json())
@@ -129,7 +168,11 @@ class Objective:
         if self.progress:
             self.progress.trial_started(trial.number, cfg)
         try:
-            return self._run(trial, cfg, start)
+            latency = self._limits(trial, cfg)
+            mean = self._run(trial, cfg, start)
+            if len(self.objectives) == 1:
+                return mean
+            return objective_values(mean, trial.user_attrs["params"], latency, self.objectives)
         except (optuna.TrialPruned, TrialFailedError):
             raise
         except KeyboardInterrupt:
@@ -183,8 +226,14 @@ class Objective:
                 step = f * epochs + e + 1
                 if self.progress:
                     self.progress.epoch_done(trial.number, step, acc)
-                trial.report(value, step)
-                if trial.should_prune():
+                if self.mo_pruning is not None:
+                    # Multi-objective studies can't report: prune on the accuracy curve.
+                    prune = self.mo_pruning.report_and_should_prune(trial, step, value)
+                else:
+                    trial.report(value, step)
+                    # Never at the last step: the trial has already paid for all its epochs.
+                    prune = step < p.steps and trial.should_prune()
+                if prune:
                     store("pruned")
                     trial.set_user_attr("pruned_at_step", step)
                     raise optuna.TrialPruned(f"pruned at step {step} with {value:.4f}")

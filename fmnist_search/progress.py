@@ -18,6 +18,8 @@ from rich.progress import (
 
 from searchspace.config import CnnConfig
 
+from .multiobjective import accuracy_of
+
 
 class SearchProgress:
     """A `ProgressSink` for the objective plus an Optuna callback for finished trials."""
@@ -75,13 +77,13 @@ class SearchProgress:
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         if trial.state in (TrialState.COMPLETE, TrialState.PRUNED):
             self.progress.advance(self._trials)
-        if trial.state == TrialState.COMPLETE and trial.value is not None:
-            if math.isnan(self.best) or trial.value > self.best:
-                self.set_best(trial.value)
+        acc = accuracy_of(trial) if trial.state == TrialState.COMPLETE else None
+        if acc is not None and (math.isnan(self.best) or acc > self.best):
+            self.set_best(acc)
         self.progress.update(self._epoch, visible=False)
         ua = trial.user_attrs
         if trial.state == TrialState.COMPLETE:
-            msg = f"trial {trial.number} [green]complete[/green] val acc {trial.value:.4f}"
+            msg = f"trial {trial.number} [green]complete[/green] val acc {acc or 0:.4f}"
         elif trial.state == TrialState.PRUNED:
             ran = ua.get("epochs_run", "?")
             msg = f"trial {trial.number} [yellow]pruned[/yellow] after {ran} epoch(s)"

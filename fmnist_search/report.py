@@ -51,6 +51,7 @@ from .leaderboard import (
     unranked_summary,
     write_leaderboard_files,
 )
+from .multiobjective import accuracy_of
 
 matplotlib.use("Agg")  # no display: the figures only become PNG bytes
 
@@ -152,7 +153,7 @@ def _best_baseline(df: pd.DataFrame) -> pd.Series | None:
 def fig_history(trials: Sequence[FrozenTrial], df: pd.DataFrame) -> Section:
     """Each trial's score in the order run, the best so far, and the best baseline."""
     sec = Section("Optimisation history", alt="validation accuracy of each trial in order")
-    done = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
+    done = [t for t in trials if t.state == TrialState.COMPLETE and accuracy_of(t) is not None]
     pruned = [t for t in trials if t.state == TrialState.PRUNED and t.intermediate_values]
     if not done and not pruned:
         sec.notes.append("No finished trials yet.")
@@ -170,7 +171,7 @@ def fig_history(trials: Sequence[FrozenTrial], df: pd.DataFrame) -> Section:
         )
     if done:
         xs = [t.number for t in done]
-        ys = [float(t.value) for t in done]  # type: ignore[arg-type]
+        ys = [float(accuracy_of(t) or 0.0) for t in done]
         ax.scatter(xs, ys, color=PALETTE[0], label="complete", zorder=3)
         ax.step(xs, np.maximum.accumulate(ys), where="post", color=PALETTE[1], label="best so far")
     best = _best_baseline(df)
@@ -273,7 +274,7 @@ def fig_curves(
             marker="o",
             ms=3,
             color=PALETTE[i % len(PALETTE)],
-            label=f"trial {t.number} ({t.value:.4f})",
+            label=f"trial {t.number} ({accuracy_of(t) or 0:.4f})",
             zorder=3,
         )
     for i, t in enumerate(measured[:6]):

@@ -14,9 +14,10 @@ from typing import Any
 
 import optuna
 from optuna.storages._heartbeat import is_heartbeat_enabled
+from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
-SAMPLERS = ("tpe", "random", "cmaes", "qmc")
+SAMPLERS = ("tpe", "random", "cmaes", "qmc", "nsga2")
 PRUNERS = ("hyperband", "median", "sha", "none")
 STORAGE_SCHEMES = (
     "sqlite",
@@ -91,6 +92,8 @@ def _make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
         return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
     if name == "qmc":
         return optuna.samplers.QMCSampler(seed=seed, warn_independent_sampling=False)
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=10)
     raise ValueError(f"unknown sampler {name!r} (choose from {', '.join(SAMPLERS)})")
 
 
@@ -174,6 +177,7 @@ def open_study(
     sampler: optuna.samplers.BaseSampler,
     pruner: optuna.pruners.BasePruner,
     protocol: dict[str, Any],
+    directions: Sequence[str] = ("maximize",),
 ) -> optuna.Study:
     """Create the study or load it; refuse to continue it under another protocol.
 
@@ -188,7 +192,7 @@ def open_study(
             study_name=study_name,
             sampler=sampler,
             pruner=pruner,
-            direction="maximize",
+            directions=[StudyDirection[d.upper()] for d in directions],
             load_if_exists=True,
         )
     except Exception as e:
@@ -296,7 +300,7 @@ class TrialLock:
 
 def run_trials(
     study: optuna.Study,
-    objective: Callable[[optuna.Trial], float],
+    objective: Callable[[optuna.Trial], float | tuple[float, ...]],
     total_trials: int,
     *,
     timeout: float | None = None,
@@ -329,7 +333,7 @@ def run_trials(
                 lock.release()
                 held = False
 
-        def locked_objective(trial: optuna.Trial) -> float:
+        def locked_objective(trial: optuna.Trial) -> float | tuple[float, ...]:
             release()  # the trial exists (RUNNING): other workers may now count it
             return objective(trial)
 

@@ -134,3 +134,65 @@ def test_end_to_end_search_resume_and_leaderboard(tmp_path: Path, synthetic_dir:
     assert r.stdout.startswith("rank,trial,")
     r = _run("leaderboard", "--study-name", "nope", "--results-dir", str(tmp_path / "res"))
     assert r.returncode == 1 and "no study" in r.stderr
+
+
+def test_multi_objective_search_with_limit_and_pareto_export(
+    tmp_path: Path, synthetic_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import optuna
+
+    from fmnist_search import study as st
+
+    common = [
+        "--results-dir",
+        str(tmp_path),
+        "--study-name",
+        "mo",
+        "--data-dir",
+        str(synthetic_dir),
+    ]
+    code = main(
+        [
+            "--trials",
+            "8",
+            "--epochs",
+            "2",
+            "--objectives",
+            "accuracy,params",
+            "--max-params",
+            "150000",
+            "--no-progress",
+            "--no-export",
+            *common,
+        ]
+    )
+    assert code == 0, capsys.readouterr().err
+    study = optuna.load_study(study_name="mo", storage=st.default_storage(tmp_path, "mo"))
+    assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
+    finished = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
+    assert len(finished) == 8
+    big = [t for t in study.trials if t.user_attrs.get("params", 0) > 150_000]
+    assert big and all(
+        t.state.name == "PRUNED" and "infeasible_reason" in t.user_attrs for t in big
+    )
+    assert all(t.user_attrs["epochs_run"] == 0 for t in big)  # refused before training
+
+    capsys.readouterr()
+    assert main(["leaderboard", "--format", "json", *common[:4]]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    ranked = [r for r in rows if r["rank"] is not None]
+    assert ranked and ranked[0]["front"] == 0
+    assert all(r["params"] <= 150_000 for r in ranked)
+    assert any(r["reason"].startswith("infeasible") for r in rows)
+
+    assert main(["export", "--pareto", "--final-epochs", "1", "--no-progress", *common]) == 0
+    cards = sorted((tmp_path / "mo" / "pareto").glob("trial-*/model_card.json"))
+    assert cards and all(json.loads(c.read_text())["params"] <= 150_000 for c in cards)
+
+
+def test_bad_objectives_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for bad in ("params", "accuracy,speed", "accuracy,accuracy"):
+        with pytest.raises(SystemExit) as e:
+            main(["--objectives", bad, "--results-dir", str(tmp_path / "r")])
+        assert e.value.code == 2
+    assert not (tmp_path / "r").exists()

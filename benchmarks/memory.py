@@ -1,0 +1,148 @@
+"""Memory over many trials in one process: RSS after each trial of a small search.
+
+The search's own path (`study.run_trials` on an SQLite study, the `Objective`, TPE and the
+Hyperband pruner) over a small space on a stratified subset; the process's resident set
+size (psutil) is read after every trial. Growth is measured from the end of the first trial
+(TensorFlow's start-up allocations are not a leak) to the end of the last.
+
+    python benchmarks/memory.py            # full: 100 trials on 2,000 training images
+    python benchmarks/memory.py --quick    # harness check: 30 trials on 500 images
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+from typing import Any
+
+import common
+
+NAME = "memory"
+SMALL_SPACE = {
+    "n_blocks": [1, 2], "convs_per_block": [1, 2], "filters": [8, 16, 32], "kernel_size": [3, 5],
+    "dense_layers": [0, 1], "dense_units": [32, 64], "batch_size": [64, 128],
+}
+TARGET_MB = 100.0
+
+
+def parse_args() -> Any:
+    p = common.base_parser(__doc__.splitlines()[0])
+    p.add_argument("--trials", type=int, default=None, help="trials (full 100, quick 30)")
+    p.add_argument("--train-subset", type=int, default=None, help="training images (full 2000)")
+    p.add_argument("--val-size", type=int, default=None, help="validation images (full 2000)")
+    p.add_argument("--epochs", type=int, default=1, help="epochs per trial (default 1)")
+    args = p.parse_args()
+    defaults = ({"trials": 30, "train_subset": 500, "val_size": 500} if args.quick
+                else {"trials": 100, "train_subset": 2_000, "val_size": 2_000})
+    for k, v in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    return args
+
+
+def main() -> int:
+    args = parse_args()
+    env = common.environment()
+    common.quiet_tensorflow()
+    import numpy as np
+    import psutil
+
+    from fmnist_search import study as st
+    from fmnist_search.objective import Objective, SearchProtocol, make_folds
+    from searchspace import space_from_dict
+
+    proc = psutil.Process()
+    mb = 1024 * 1024
+    data = common.load_data(args.data_dir)
+    protocol = SearchProtocol(epochs=args.epochs, val_size=args.val_size,
+                              train_subset=args.train_subset, seed=0)
+    folds = make_folds(data, protocol)
+    space = space_from_dict(SMALL_SPACE)
+    run_dir = common.fresh_dir(common.RUNS / f"{NAME}-{common.form(args.quick)}")
+    study = st.open_study(st.default_storage(run_dir, NAME), NAME, st.make_sampler("tpe", 0),
+                          st.make_pruner("hyperband", protocol.steps),
+                          {**protocol.to_dict(), "space": space.to_dict()})
+    gc.collect()
+    rss_start = proc.memory_info().rss / mb
+    rss: list[float] = []
+
+    def after_trial(study: Any, trial: Any) -> None:
+        gc.collect()
+        rss.append(proc.memory_info().rss / mb)
+        print(f"trial {trial.number} {trial.state.name.lower()}: RSS {rss[-1]:.1f} MB", flush=True)
+
+    st.run_trials(study, Objective(folds, space, protocol), args.trials, callbacks=[after_trial])
+    trials = study.get_trials()
+    x = np.arange(len(rss))
+    tail_from = min(5, len(rss) - 2) if len(rss) > 2 else 0
+    slope = 0.0
+    if len(rss) - tail_from >= 2:  # the trend once the first trials' allocations are done
+        slope = float(np.polyfit(x[tail_from:], rss[tail_from:], 1)[0])
+    result = {
+        "settings": {"trials": len(rss), "train_images": len(folds.splits[0][0]),
+                     "val_images": len(folds.splits[0][1]), "epochs": protocol.epochs,
+                     "space": SMALL_SPACE},
+        "states": {s: sum(t.state.name == s for t in trials)
+                   for s in ("COMPLETE", "PRUNED", "FAIL")},
+        "rss_mb_before_first_trial": rss_start,
+        "rss_mb_after_each_trial": rss,
+        "growth_mb": rss[-1] - rss[0],
+        "growth_after_5_mb": rss[-1] - rss[tail_from],
+        "peak_mb": max(rss),
+        "slope_mb_per_trial": slope,
+    }
+    path = common.save_json(NAME, args.quick, result, env)
+    print(f"wrote {path}")
+    if not args.no_doc:
+        saved = json.loads(path.read_text())
+        plot(saved, args.quick)
+        print(f"updated {common.update_doc(NAME, args.quick, render(saved))}")
+    print(f"RSS growth over {len(rss)} trials: {result['growth_mb']:+.1f} MB "
+          f"({slope:+.2f} MB/trial after trial {tail_from + 1})")
+    return 0
+
+
+def plot(r: dict[str, Any], quick: bool) -> None:
+    fig, ax = common.new_figure(6.5, 3.2)
+    rss = r["rss_mb_after_each_trial"]
+    ax.plot(range(1, len(rss) + 1), rss, marker=".", lw=1)
+    ax.axhline(rss[0] + TARGET_MB, color="red", ls="--", lw=0.8, label="first trial + 100 MB")
+    ax.set_xlabel("trials finished")
+    ax.set_ylabel("RSS (MB)")
+    ax.set_title("Resident memory after each trial" + (" (quick form)" if quick else ""))
+    ax.legend(loc="lower right")
+    common.save_figure(fig, common.plot_path(NAME, quick))
+
+
+def render(r: dict[str, Any]) -> str:
+    s, rss = r["settings"], r["rss_mb_after_each_trial"]
+    quick = r["form"] == "quick"
+    rows = [
+        ["before the first trial (TensorFlow loaded, data in memory)",
+         f"{r['rss_mb_before_first_trial']:.0f}"],
+        ["after trial 1", f"{rss[0]:.0f}"],
+        [f"after trial {min(6, len(rss))}", f"{rss[min(5, len(rss) - 1)]:.0f}"],
+        [f"after trial {len(rss)} (last)", f"{rss[-1]:.0f}"],
+        ["peak", f"{r['peak_mb']:.0f}"],
+    ]
+    img = common.plot_path(NAME, quick).name
+    states = ", ".join(f"{v} {k.lower()}" for k, v in r["states"].items() if v)
+    return "\n\n".join([
+        common.section_title("Memory over many trials", quick),
+        common.provenance(r),
+        f"{s['trials']} trials ({states}) of a small space in one process, "
+        f"{s['epochs']} epoch(s) on {s['train_images']:,} training / {s['val_images']:,} "
+        f"validation images; RSS read with psutil after each trial.",
+        common.md_table(["when", "RSS (MB)"], rows),
+        f"Growth from the first trial to the last: **{r['growth_mb']:+.1f} MB** "
+        f"({r['growth_after_5_mb']:+.1f} MB after the first few; trend "
+        f"{r['slope_mb_per_trial']:+.2f} MB per trial, i.e. "
+        f"{100 * r['slope_mb_per_trial']:+.0f} MB per 100 trials).",
+        common.verdict(r["growth_mb"] < TARGET_MB,
+                       f"growth < {TARGET_MB:.0f} MB over {s['trials']} trials"),
+        f"![RSS after each trial]({img})",
+    ])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
