@@ -55,7 +55,19 @@ def base_parser(description: str) -> argparse.ArgumentParser:
                    help=f"Fashion-MNIST IDX files (default: {DEFAULT_DATA_DIR})")
     p.add_argument("--no-doc", action="store_true",
                    help="write the JSON only, not docs/benchmarks.md")
+    p.add_argument("--render-only", action="store_true",
+                   help="measure nothing: rewrite this benchmark's section (and plot) of "
+                   "docs/benchmarks.md from its saved JSON")
     return p
+
+
+def load_result(name: str, quick: bool) -> dict[str, Any]:
+    """The saved JSON of a benchmark (for --render-only)."""
+    path = result_path(name, quick)
+    if not path.exists():
+        raise SystemExit(f"no saved result {path}: run the benchmark first")
+    result: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    return result
 
 
 def form(quick: bool) -> str:

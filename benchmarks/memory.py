@@ -87,6 +87,11 @@ def main() -> int:
     args = parse_args()
     if args.bare_child:
         return bare_child(args)
+    if args.render_only:
+        saved = common.load_result(NAME, args.quick)
+        plot(saved, args.quick)
+        print(f"updated {common.update_doc(NAME, args.quick, render(saved))}")
+        return 0
     env = common.environment()
     common.quiet_tensorflow()
     import numpy as np
@@ -138,15 +143,20 @@ def main() -> int:
     }
     if not args.no_bare:
         print("bare Keras on the same configs, in a fresh process ...", flush=True)
-        cmd = [sys.executable, __file__, "--bare-child", str(run_dir / "study.db"),
+        cmd = [sys.executable, __file__, "--bare-child", str(run_dir / NAME / "study.db"),
                "--epochs", str(args.epochs), "--train-subset", str(args.train_subset),
                "--val-size", str(args.val_size)]
         if args.data_dir:
             cmd += ["--data-dir", args.data_dir]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-        bare = json.loads(out.strip().splitlines()[-1])
-        result["bare_rss_mb_after_each_model"] = bare
-        result["bare_growth_mb"] = bare[-1] - bare[0]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        try:
+            bare = json.loads(proc.stdout.strip().splitlines()[-1])
+            result["bare_rss_mb_after_each_model"] = bare
+            result["bare_growth_mb"] = bare[-1] - bare[0]
+        except (IndexError, ValueError):  # keep the tool's measurement; say what went wrong
+            err = [x for x in proc.stderr.splitlines() if x.strip()]
+            result["bare_error"] = err[-1] if err else f"exit code {proc.returncode}"
+            print(f"bare comparison failed: {result['bare_error']}", file=sys.stderr)
     path = common.save_json(NAME, args.quick, result, env)
     print(f"wrote {path}")
     if not args.no_doc:
@@ -209,7 +219,8 @@ def bare_note(r: dict[str, Any]) -> str:
     """Whose growth it is: the same configs trained by bare Keras in a fresh process."""
     bare = r.get("bare_rss_mb_after_each_model")
     if not bare:
-        return "(No bare-Keras comparison in this run.)"
+        why = r.get("bare_error")
+        return "(No bare-Keras comparison in this run" + (f": {why})." if why else ".)")
     tool, own = r["growth_mb"], r["bare_growth_mb"]
     text = (
         f"The same {len(bare)} configs trained by bare Keras in a fresh process (`build_cnn`, "

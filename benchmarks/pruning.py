@@ -74,6 +74,10 @@ def compare(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def main() -> int:
     args = parse_args()
+    if args.render_only:
+        saved = common.load_result(NAME, args.quick)
+        print(f"updated {common.update_doc(NAME, args.quick, render(saved))}")
+        return 0
     env = common.environment()
     common.quiet_tensorflow()
     from fmnist_search import study as st

@@ -197,6 +197,19 @@ def build_parser(command: str) -> argparse.ArgumentParser:
             "--top", type=int_at_least(1), default=10, help="rows of the final table (default: 10)"
         )
         g.add_argument(
+            "--engine",
+            choices=("optuna", "keras-tuner"),
+            default="optuna",
+            help="optuna (default), or KerasTuner over the same space, split and epochs; its "
+            "trials are recorded in the same study",
+        )
+        g.add_argument(
+            "--kt-algorithm",
+            choices=("hyperband", "bayesian", "random"),
+            default="hyperband",
+            help="KerasTuner's algorithm with --engine keras-tuner (default: hyperband)",
+        )
+        g.add_argument(
             "--objectives",
             type=_objectives,
             default=("accuracy",),
@@ -364,6 +377,13 @@ def cmd_search(args: argparse.Namespace) -> int:
     """The search: verify data, open or resume the study, run trials, print the leaderboard."""
     if args.no_final_fit and args.final_epochs is not None:
         raise UsageError("--final-epochs and --no-final-fit exclude each other")
+    if args.engine == "keras-tuner":
+        if args.workers > 1:
+            raise UsageError("--engine keras-tuner runs in one process: drop --workers")
+        if args.cv:
+            raise UsageError("--engine keras-tuner supports the holdout split only: drop --cv")
+        if len(args.objectives) > 1 or args.max_params or args.max_latency_ms:
+            raise UsageError("--engine keras-tuner searches accuracy only (no --objectives/limits)")
     space = load_space_arg(args)
     url = storage_url(args)
     import_tensorflow_quietly()
@@ -515,6 +535,22 @@ def cmd_search(args: argparse.Namespace) -> int:
     try:
         if args.workers > 1:
             code = _run_workers(args, study, sink, console)
+        elif args.engine == "keras-tuner":
+            from .kt_engine import run_keras_tuner
+
+            with sink:
+                run_keras_tuner(
+                    study,
+                    folds,
+                    space,
+                    protocol,
+                    algorithm=args.kt_algorithm,
+                    total_trials=args.trials,
+                    seed=args.seed,
+                    results_dir=Path(args.results_dir),
+                    timeout=args.timeout,
+                    progress=sink,
+                )
         else:
             if args.threads:
                 from .workers import set_threads

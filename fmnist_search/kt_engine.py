@@ -15,6 +15,8 @@ Optuna engine's pruner stops, and is recorded PRUNED (`pruned_at_step`). When Ke
 promotes it, the continuation is a new trial (`kt_resumed_from`) that starts from its
 checkpoint; its history and intermediate values include the parent's epochs, so its score is
 the best epoch of the whole run, while `epochs_run` counts only the epochs it trained itself.
+(KerasTuner reloads the parent's best-epoch weights into a fresh optimizer: the optimizer's
+state restarts, as in any KerasTuner Hyperband.)
 """
 
 from __future__ import annotations

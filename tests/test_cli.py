@@ -196,3 +196,41 @@ def test_bad_objectives_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str
             main(["--objectives", bad, "--results-dir", str(tmp_path / "r")])
         assert e.value.code == 2
     assert not (tmp_path / "r").exists()
+
+
+def test_keras_tuner_engine_from_the_command_line(
+    tmp_path: Path, synthetic_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import optuna
+
+    from fmnist_search import study as st
+
+    common = [
+        "--results-dir",
+        str(tmp_path),
+        "--study-name",
+        "kt",
+        "--data-dir",
+        str(synthetic_dir),
+    ]
+    assert main(["--engine", "keras-tuner", "--workers", "2", *common]) == 2
+    assert main(["--engine", "keras-tuner", "--cv", "3", *common]) == 2
+    code = main(
+        [
+            "--engine",
+            "keras-tuner",
+            "--kt-algorithm",
+            "random",
+            "--trials",
+            "2",
+            "--epochs",
+            "1",
+            "--no-progress",
+            "--no-export",
+            *common,
+        ]
+    )
+    assert code == 0, capsys.readouterr().err
+    study = optuna.load_study(study_name="kt", storage=st.default_storage(tmp_path, "kt"))
+    assert len(study.trials) == 2
+    assert all(t.user_attrs["engine"] == "keras-tuner/random" for t in study.trials)
