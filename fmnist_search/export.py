@@ -386,6 +386,9 @@ def _fit(
         cfg, x, y, x_val, y_val, epochs=epochs, seed=seed, num_classes=num_classes,
         on_epoch=on_epoch, on_batch=progress.batch_done if progress else None,
         callbacks=callbacks, keep_model=True,
+        # The final fit (no validation data) anneals the trial's learning rate to 0 with a
+        # cosine: the usual last step of training, worth a few tenths of a point here.
+        cosine_decay=x_val is None,
     )
 
 
@@ -454,9 +457,11 @@ def export_study(
             card["final_fit"] = True
             card["final_fit_note"] = (
                 f"retrained from scratch on all {len(data.y_train)} training images for "
-                f"{final_epochs} epoch(s); no validation data was held out, so val_accuracy "
-                "is the search's estimate for this architecture, not a measurement of this model"
+                f"{final_epochs} epoch(s), the learning rate annealed from the trial's to 0 "
+                "with a cosine; no validation data was held out, so val_accuracy is the "
+                "search's estimate for this architecture, not a measurement of this model"
             )
+            card["lr_schedule"] = "cosine decay to 0 over the final fit"
             train_images = len(data.y_train)
         else:
             if final_epochs is not None:

@@ -13,7 +13,7 @@ import numpy as np
 
 from searchspace.config import CnnConfig
 
-from .model import build_cnn
+from .model import build_cnn, make_optimizer
 
 EpochHook = Callable[[int, dict[str, float]], None]
 BatchHook = Callable[[int, int], None]
@@ -77,16 +77,24 @@ def fit_config(
     on_batch: BatchHook | None = None,
     callbacks: Sequence[keras.callbacks.Callback] = (),
     keep_model: bool = False,
+    cosine_decay: bool = False,
 ) -> FitResult:
     """Build `cfg` with weights seeded by `seed`, train it, and return its history.
 
     `on_epoch(epoch0, logs)` runs after each epoch (logs include val_accuracy when a
     validation set is given); it may raise `optuna.TrialPruned` to stop the fit.
+    With `cosine_decay` the learning rate decays from the config's to 0 over the fit.
     Raises DivergedError on a NaN/inf loss, InvalidConfigError for an unbuildable config.
     """
     keras.utils.set_random_seed(seed)
     model = build_cnn(cfg, num_classes=num_classes, input_shape=tuple(x_train.shape[1:]))
     steps = math.ceil(len(x_train) / cfg.batch_size)
+    if cosine_decay:
+        model.compile(
+            optimizer=make_optimizer(cfg, decay_steps=steps * epochs),
+            loss="sparse_categorical_crossentropy",
+            metrics=["accuracy"],
+        )
     hooks = _Hooks(on_epoch, on_batch, steps)
     start = time.perf_counter()
     result = FitResult(params=int(model.count_params()))

@@ -38,7 +38,9 @@ class SearchSpace:
     learning_rate, momentum (SGD only), batch_size.
     """
 
-    n_blocks: IntRange = IntRange(1, 3)
+    # At least 2 blocks: with few epochs on a subset, a single conv block with a wide dense
+    # head learns fastest and wins the search, then loses to deeper nets at full training.
+    n_blocks: IntRange = IntRange(2, 3)
     convs_per_block: IntRange = IntRange(1, 2)
     filters: tuple[int, ...] = (16, 32, 48, 64)
     kernel_size: tuple[int, ...] = (3, 5)
