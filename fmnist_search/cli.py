@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -52,6 +53,7 @@ def int_at_least(lo: int) -> Callable[[str], int]:
 
 
 DEFAULT_TRAIN_SUBSET = 20_000
+DEFAULT_RECYCLE = 25  # trials per worker process before it is restarted
 
 
 def _train_subset(s: str) -> int:
@@ -245,6 +247,15 @@ def build_parser(command: str) -> argparse.ArgumentParser:
             help="CPU threads per worker (default: cores / workers)",
         )
         g.add_argument("--worker-index", type=int_at_least(0), default=None, help=argparse.SUPPRESS)
+        g.add_argument("--deadline", type=float, default=None, help=argparse.SUPPRESS)
+        g.add_argument(
+            "--recycle-after",
+            type=int_at_least(1),
+            default=None,
+            help="run the trials in worker processes restarted after N trials each, which "
+            "bounds memory: TensorFlow keeps ~10 MB per model until its process ends "
+            f"(default with --workers > 1: {DEFAULT_RECYCLE}; with 1 worker: in-process)",
+        )
         g = p.add_argument_group("export of the best model (after the search)")
         g.add_argument(
             "--no-export",
@@ -487,14 +498,22 @@ def cmd_search(args: argparse.Namespace) -> int:
         )
 
     if worker:
+        timeout = args.timeout
+        if args.deadline is not None:  # the parent's --timeout, across recycled processes
+            timeout = max(0.001, args.deadline - time.time())
         try:
-            st.run_trials(
+            recycle = st.run_trials(
                 study,
                 make_objective(),
                 args.trials,
-                timeout=args.timeout,
+                timeout=timeout,
                 max_consecutive_failures=args.max_failures,
+                max_trials=args.recycle_after or DEFAULT_RECYCLE,
             )
+            if recycle:
+                from .workers import EXIT_RECYCLE
+
+                return EXIT_RECYCLE
         except KeyboardInterrupt:
             return EXIT_INTERRUPTED
         except st.StudyError as e:
@@ -533,7 +552,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     if args.no_progress:
         sink.progress.disable = True
     try:
-        if args.workers > 1:
+        if args.workers > 1 or args.recycle_after:
             code = _run_workers(args, study, sink, console)
         elif args.engine == "keras-tuner":
             from .kt_engine import run_keras_tuner
@@ -627,17 +646,24 @@ def _export_best(args: argparse.Namespace, study: Any, data: Any, console: Any) 
 
 def _run_workers(args: argparse.Namespace, study: Any, sink: Any, console: Any) -> int:
     """Start --workers processes on the study and show their progress from the storage."""
-    from .workers import default_threads, spawn, watch
+    from .workers import Workers, default_threads, watch
 
     threads = args.threads or default_threads(args.workers)
-    argv = [a for a in args.argv]
+    argv = list(args.argv)
+    if args.timeout:
+        argv += ["--deadline", str(time.time() + args.timeout)]
     log_dir = st.study_dir(args.results_dir, args.study_name) / "logs"
     console.print(
         f"{args.workers} workers x {threads} thread(s); worker logs in {log_dir}", highlight=False
     )
-    procs = spawn(argv, args.workers, threads, log_dir)
+    pool = Workers(argv, threads, log_dir)
+    procs = [pool.start(i) for i in range(args.workers)]
     with sink:
-        codes = watch(study, procs, sink)
+        codes = watch(study, procs, sink, pool)
+    if pool.restarts:
+        console.print(
+            f"worker processes restarted {pool.restarts} time(s) (--recycle-after)", highlight=False
+        )
     bad = [(i, c) for i, c in enumerate(codes) if c != 0]
     if not bad:
         return 0

@@ -306,8 +306,12 @@ def run_trials(
     timeout: float | None = None,
     callbacks: Sequence[Callable[[optuna.Study, FrozenTrial], None]] = (),
     max_consecutive_failures: int = 10,
-) -> None:
+    max_trials: int | None = None,
+) -> bool:
     """Run trials until the study holds `total_trials` finished ones (or the timeout passes).
+
+    Returns True when this call stopped only because it had started `max_trials` trials
+    (a worker about to be recycled) while the study still wants more.
 
     Works the same for one process or many workers on one storage: each trial is started
     only while finished + running trials are fewer than `total_trials`, under a
@@ -323,7 +327,14 @@ def run_trials(
     def remember(study: optuna.Study, trial: FrozenTrial) -> None:
         last.append(trial)
 
+    started_here = 0
     while deadline is None or time.monotonic() < deadline:
+        if max_trials is not None and started_here >= max_trials:
+            wanted = total_trials - len(
+                study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING))
+            )
+            return wanted > 0
+        started_here += 1
         lock.acquire()
         held = True
 
@@ -363,3 +374,4 @@ def run_trials(
                 raise StudyError(f"stopped after {streak} failed trials in a row; last: {why}")
         else:
             streak = 0
+    return False

@@ -36,40 +36,66 @@ def set_threads(threads: int) -> None:
         pass  # already initialised (in-process tests): keep its setting
 
 
+# A worker's exit code meaning "I ran my --recycle-after trials; start a fresh me".
+EXIT_RECYCLE = 75
+
+
+class Workers:
+    """The worker processes of one search: started, restarted when they recycle, watched."""
+
+    def __init__(self, argv: Sequence[str], threads: int, log_dir: Path) -> None:
+        self.argv = list(argv)
+        self.threads = threads
+        self.log_dir = log_dir
+        self.restarts = 0
+
+    def start(self, index: int) -> subprocess.Popen[bytes]:
+        """Start worker `index` as `python -m fmnist_search.cli ARGV --worker-index i`."""
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.log_dir / f"worker-{index}.log", "ab") as log:
+            cmd = [
+                sys.executable,
+                "-m",
+                "fmnist_search.cli",
+                *self.argv,
+                "--worker-index",
+                str(index),
+                "--threads",
+                str(self.threads),
+            ]
+            return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+
+
 def spawn(
     argv: Sequence[str], workers: int, threads: int, log_dir: Path
 ) -> list[subprocess.Popen[bytes]]:
     """Start `workers` copies of this search as quiet worker processes, logging to files."""
-    log_dir.mkdir(parents=True, exist_ok=True)
-    procs = []
-    for i in range(workers):
-        log = open(log_dir / f"worker-{i}.log", "ab")  # noqa: SIM115 - owned by the child
-        cmd = [
-            sys.executable,
-            "-m",
-            "fmnist_search.cli",
-            *argv,
-            "--worker-index",
-            str(i),
-            "--threads",
-            str(threads),
-        ]
-        procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT))
-        log.close()
-    return procs
+    pool = Workers(argv, threads, log_dir)
+    return [pool.start(i) for i in range(workers)]
 
 
 def watch(
-    study: optuna.Study, procs: list[subprocess.Popen[bytes]], sink: SearchProgress
+    study: optuna.Study,
+    procs: list[subprocess.Popen[bytes]],
+    sink: SearchProgress,
+    pool: Workers | None = None,
 ) -> list[int]:
     """Show the study's progress from its storage until every worker has exited.
 
-    Ctrl-C is forwarded to the workers (each marks its running trial failed and stops).
+    A worker that exits with EXIT_RECYCLE (it ran its share of trials in one process, and
+    TensorFlow's memory only comes back when a process ends) is started afresh. Ctrl-C is
+    forwarded to the workers (each marks its running trial failed and stops).
     Returns the workers' exit codes.
     """
     seen = {t.number for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
     try:
-        while any(p.poll() is None for p in procs):
+        while any(p.poll() is None for p in procs) or any(
+            p.returncode == EXIT_RECYCLE for p in procs
+        ):
+            for i, p in enumerate(procs):
+                if p.poll() == EXIT_RECYCLE and pool is not None:
+                    procs[i] = pool.start(i)
+                    pool.restarts += 1
             time.sleep(1.0)
             _show(study, seen, sink)
     except KeyboardInterrupt:
