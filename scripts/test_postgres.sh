@@ -7,7 +7,7 @@ ver=$(ls /usr/lib/postgresql | sort -n | tail -n 1)
 if ! pg_lsclusters -h | awk '{print $2}' | grep -qx main; then
   pg_createcluster "$ver" main >/dev/null
 fi
-pg_ctlcluster "$ver" main start 2>/dev/null || true   # already running is fine
+pg_ctlcluster "$ver" main start >/dev/null 2>&1 || true   # already running is fine
 for _ in $(seq 1 30); do
   runuser -u postgres -- pg_isready -q -h 127.0.0.1 && break
   sleep 1
