@@ -24,7 +24,7 @@ from rich.text import Text
 
 from searchspace.baselines import BY_NAME, Baseline
 
-from .multiobjective import accuracy_of, is_feasible, pareto_rank_frame
+from .multiobjective import accuracy_of, is_feasible, pareto_rank_frame, smallest_beating
 
 COLUMNS = [
     "rank",
@@ -42,6 +42,7 @@ COLUMNS = [
     "beats",  # the best measured baseline this trial beats
     "margin_pts",  # by how many percentage points
     "pareto",  # no other complete row is at least as accurate and at least as small
+    "smallest_beating",  # for a measured baseline: the smallest trial more accurate than it
     "latency_ms",  # CPU ms per image at batch 1 (when latency was an objective or a limit)
     "feasible",  # within --max-params / --max-latency-ms
     "documented_acc",
@@ -173,6 +174,12 @@ def leaderboard(
     df = _typed(df)
     if len(objectives) > 1:
         df = pareto_rank_frame(df, objectives)
+    # For each measured baseline: the smallest trial that beats it (accuracy vs size).
+    smallest = smallest_beating(df)
+    df["smallest_beating"] = pd.array(
+        [smallest.get(str(r.trial)) if r.kind == "baseline" else None for r in df.itertuples()],
+        dtype="Int64",
+    )
     return df
 
 

@@ -254,3 +254,16 @@ def test_leaderboard_subcommand_each_format(
         assert out.splitlines()[0].startswith("|") and "pruned" in out
     else:
         assert "Leaderboard: lb" in out and "2 complete and ranked" in out
+
+
+def test_smallest_trial_beating_each_baseline() -> None:
+    study = optuna.create_study(direction="maximize")
+    for value, params in ((0.90, 100_000), (0.92, 50_000), (0.85, 10_000)):
+        study.add_trial(optuna.trial.create_trial(value=value, user_attrs={"params": params}))
+    base = [
+        optuna.trial.create_trial(value=0.88, user_attrs={"params": 9, "baseline": "mit_model1"}),
+        optuna.trial.create_trial(value=0.95, user_attrs={"params": 9, "baseline": "dense128"}),
+    ]
+    df = leaderboard(study.get_trials(), baselines=base).set_index("trial")
+    assert df.loc["mit_model1", "smallest_beating"] == 1  # 0.92 with 50k beats it, 0.90 is bigger
+    assert pd.isna(df.loc["dense128", "smallest_beating"])  # nothing beats 0.95
