@@ -38,9 +38,10 @@ class SearchSpace:
     learning_rate, momentum (SGD only), batch_size.
     """
 
-    # At least 2 blocks: with few epochs on a subset, a single conv block with a wide dense
-    # head learns fastest and wins the search, then loses to deeper nets at full training.
-    n_blocks: IntRange = IntRange(2, 3)
+    # 1 to 3 blocks keeps a 50-trial search near an hour on 2 cores (measured). With few
+    # epochs on a subset a 1-block, wide-dense model tends to win; `n_blocks: [2, 3]` in a
+    # space file avoids that at roughly twice the cost per trial (docs/benchmarks.md).
+    n_blocks: IntRange = IntRange(1, 3)
     convs_per_block: IntRange = IntRange(1, 2)
     filters: tuple[int, ...] = (16, 32, 48, 64)
     kernel_size: tuple[int, ...] = (3, 5)

@@ -94,8 +94,9 @@ def test_nearest_params_keep_what_the_space_can_express() -> None:
     space = space_from_dict({"n_blocks": [1, 3]})
     dense = nearest_params(BY_NAME["dense128"].config, space)
     assert dense["n_blocks"] == 1 and dense["dense_layers"] == 1  # no conv blocks -> one
-    # The default space starts at 2 blocks: the count is clamped up.
-    assert nearest_params(BY_NAME["dense128"].config, SearchSpace())["n_blocks"] == 2
+    # A space that starts at 2 blocks: the count is clamped up.
+    two = space_from_dict({"n_blocks": [2, 3]})
+    assert nearest_params(BY_NAME["dense128"].config, two)["n_blocks"] == 2
     lenet = nearest_params(BY_NAME["lenet5_tanh"].config, space)
     assert (lenet["activation"], lenet["pooling"], lenet["n_blocks"]) == ("tanh", "avg", 3)
     assert lenet["filters_b2"] == 64 and lenet["momentum"] == space.momentum.low  # clamped
