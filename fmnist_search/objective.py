@@ -166,18 +166,18 @@ class Objective:
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
         start = time.perf_counter()
-        cfg = self.config_fn(trial)
-        trial.set_user_attr("config", cfg.to_json())
-        trial.set_user_attr("summary", cfg.summary())
         try:
-            validate(cfg)
-        except InvalidConfigError as e:
-            trial.set_user_attr("fail_reason", f"invalid config: {e}")
-            raise TrialFailedError(f"invalid config: {e}") from None
-        trial.set_user_attr("params", count_params(cfg, self.folds.num_classes))
-        if self.progress:
-            self.progress.trial_started(trial.number, cfg)
-        try:
+            cfg = self.config_fn(trial)
+            trial.set_user_attr("config", cfg.to_json())
+            trial.set_user_attr("summary", cfg.summary())
+            try:
+                validate(cfg)
+            except InvalidConfigError as e:
+                trial.set_user_attr("fail_reason", f"invalid config: {e}")
+                raise TrialFailedError(f"invalid config: {e}") from None
+            trial.set_user_attr("params", count_params(cfg, self.folds.num_classes))
+            if self.progress:
+                self.progress.trial_started(trial.number, cfg)
             latency = self._limits(trial, cfg)
             mean = self._run(trial, cfg, start)
             if len(self.objectives) == 1:

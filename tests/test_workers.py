@@ -94,10 +94,15 @@ def _wait_for_running(
     db: str, name: str, proc: object, min_finished: int = 1, limit: float = 300
 ) -> int:
     deadline = time.monotonic() + limit
+    storage = None  # one connection pool once the study exists: polls stay fast
     while time.monotonic() < deadline:
         assert proc.poll() is None, proc.communicate()  # type: ignore[attr-defined]
         try:
-            trials = optuna.load_study(study_name=name, storage=db).get_trials(deepcopy=False)
+            if storage is None and (not db.startswith("sqlite") or Path(db[10:]).exists()):
+                storage = optuna.storages.RDBStorage(db)
+            if storage is None:
+                raise FileNotFoundError(db)
+            trials = optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
         except Exception:  # not created yet
             time.sleep(0.2)
             continue
@@ -175,7 +180,7 @@ def test_sigkill_of_one_postgres_worker_is_noticed_by_another(
     ]
     hb = {"FMNIST_SEARCH_HEARTBEAT": "1,4"}
     victim = popen_cli(*args, "--results-dir", str(tmp_path / "a"), **hb)
-    killed = _wait_for_running(pg_url, name, victim)
+    killed = _wait_for_running(pg_url, name, victim, min_finished=0)
     os.kill(victim.pid, signal.SIGKILL)
     victim.wait()
     time.sleep(5)  # past the grace period
