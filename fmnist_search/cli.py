@@ -389,8 +389,10 @@ def cmd_search(args: argparse.Namespace) -> int:
     if args.no_final_fit and args.final_epochs is not None:
         raise UsageError("--final-epochs and --no-final-fit exclude each other")
     if args.engine == "keras-tuner":
-        if args.workers > 1:
-            raise UsageError("--engine keras-tuner runs in one process: drop --workers")
+        if args.workers > 1 or args.recycle_after:
+            raise UsageError(
+                "--engine keras-tuner runs in one process: drop --workers/--recycle-after"
+            )
         if args.cv:
             raise UsageError("--engine keras-tuner supports the holdout split only: drop --cv")
         if len(args.objectives) > 1 or args.max_params or args.max_latency_ms:
