@@ -16,7 +16,7 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -273,3 +273,27 @@ def secs(x: float | None) -> str:
     if x == float("inf"):
         return "not reached"
     return f"{x:,.0f} s" if x >= 100 else f"{x:.1f} s"
+
+
+def publish(
+    name: str,
+    quick: bool,
+    result: dict[str, Any],
+    env: dict[str, Any],
+    render: Callable[[dict[str, Any]], str],
+    *,
+    no_doc: bool = False,
+    plot: Callable[[dict[str, Any], bool], Any] | None = None,
+) -> dict[str, Any]:
+    """Save the JSON, then (unless `no_doc`) redraw the plot and rewrite the doc section.
+
+    Returns the saved result as read back, so the doc shows exactly what the JSON holds.
+    """
+    path = save_json(name, quick, result, env)
+    print(f"wrote {path}")
+    saved: dict[str, Any] = json.loads(path.read_text())
+    if not no_doc:
+        if plot is not None:
+            plot(saved, quick)
+        print(f"updated {update_doc(name, quick, render(saved))}")
+    return saved

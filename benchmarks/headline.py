@@ -104,11 +104,7 @@ def main() -> int:
         },
         "baselines": None if card is None else card.get("baselines"),
     }
-    path = common.save_json(NAME, args.quick, result, env)
-    print(f"wrote {path}")
-    if not args.no_doc:
-        saved = json.loads(path.read_text())
-        print(f"updated {common.update_doc(NAME, args.quick, render(saved))}")
+    common.publish(NAME, args.quick, result, env, render, no_doc=args.no_doc)
     return 0
 
 

@@ -157,12 +157,7 @@ def main() -> int:
             err = [x for x in proc.stderr.splitlines() if x.strip()]
             result["bare_error"] = err[-1] if err else f"exit code {proc.returncode}"
             print(f"bare comparison failed: {result['bare_error']}", file=sys.stderr)
-    path = common.save_json(NAME, args.quick, result, env)
-    print(f"wrote {path}")
-    if not args.no_doc:
-        saved = json.loads(path.read_text())
-        plot(saved, args.quick)
-        print(f"updated {common.update_doc(NAME, args.quick, render(saved))}")
+    common.publish(NAME, args.quick, result, env, render, no_doc=args.no_doc, plot=plot)
     print(f"RSS growth over {len(rss)} trials: {result['growth_mb']:+.1f} MB "
           f"({slope:+.2f} MB/trial after trial {tail_from + 1})")
     return 0

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import gc
 import io
-import json
 import statistics
 import time
 from typing import Any
@@ -172,11 +171,7 @@ def main() -> int:
         "fixed_cost_s": med["tool"] - med["bare_val"],
         "breakdown_s": {k: statistics.median(v) for k, v in parts.items()},
     }
-    path = common.save_json(NAME, args.quick, result, env)
-    print(f"wrote {path}")
-    if not args.no_doc:
-        saved = json.loads(path.read_text())
-        print(f"updated {common.update_doc(NAME, args.quick, render(saved))}")
+    common.publish(NAME, args.quick, result, env, render, no_doc=args.no_doc)
     print(f"overhead {result['overhead_pct']:+.1f}% (vs per-epoch-validated fit "
           f"{result['overhead_vs_bare_val_pct']:+.1f}%)")
     return 0

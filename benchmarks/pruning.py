@@ -12,7 +12,6 @@ few trials the comparison isolates what pruning cuts.
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from typing import Any
@@ -117,11 +116,7 @@ def main() -> int:
         "runs": runs,
         **compare(runs),
     }
-    path = common.save_json(NAME, args.quick, result, env)
-    print(f"wrote {path}")
-    if not args.no_doc:
-        saved = json.loads(path.read_text())
-        print(f"updated {common.update_doc(NAME, args.quick, render(saved))}")
+    common.publish(NAME, args.quick, result, env, render, no_doc=args.no_doc)
     return 0
 
 

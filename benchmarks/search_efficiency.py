@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import math
 import statistics
 import sys
@@ -226,12 +225,7 @@ def main() -> int:
         "runs": runs,
         "summary": summarise(runs),
     }
-    path = common.save_json(NAME, args.quick, result, env)
-    print(f"wrote {path}")
-    if not args.no_doc:
-        saved = json.loads(path.read_text())
-        plot(saved, args.quick)
-        print(f"updated {common.update_doc(NAME, args.quick, render(saved))}")
+    common.publish(NAME, args.quick, result, env, render, no_doc=args.no_doc, plot=plot)
     return 0
 
 
