@@ -66,14 +66,6 @@ class Workers:
             return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
 
 
-def spawn(
-    argv: Sequence[str], workers: int, threads: int, log_dir: Path
-) -> list[subprocess.Popen[bytes]]:
-    """Start `workers` copies of this search as quiet worker processes, logging to files."""
-    pool = Workers(argv, threads, log_dir)
-    return [pool.start(i) for i in range(workers)]
-
-
 def watch(
     study: optuna.Study,
     procs: list[subprocess.Popen[bytes]],
