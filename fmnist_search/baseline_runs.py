@@ -397,9 +397,10 @@ def nearest_params(cfg: CnnConfig, space: SearchSpace) -> dict[str, Any]:
     for i in range(n_blocks):
         # Blocks the baseline lacks repeat its last one (or the smallest filters, 3x3).
         src = blocks[min(i, len(blocks) - 1)] if blocks else None
-        filters = max(c.filters for c in src.convs) if src else min(space.filters)
+        choices = space.block_filters(i)
+        filters = max(c.filters for c in src.convs) if src else min(choices)
         kernel = src.convs[0].kernel_size if src else 3
-        p[f"filters_b{i}"] = _nearest(filters, space.filters)
+        p[f"filters_b{i}"] = _nearest(filters, choices)
         p[f"kernel_b{i}"] = _nearest(kernel, space.kernel_size)
     p["flatten_dropout"] = _clamp_float(cfg.flatten_dropout, space.flatten_dropout)
     dense = list(cfg.dense)

@@ -100,7 +100,7 @@ def draw_params(hp: keras_tuner.HyperParameters, space: SearchSpace) -> dict[str
             put("conv_dropout", _float(hp, "conv_dropout", space.conv_dropout))
     for i in range(nb.high):
         with _when(hp, "n_blocks", [n for n in block_counts if n > i], block_counts):
-            put(f"filters_b{i}", _cat(hp, f"filters_b{i}", space.filters))
+            put(f"filters_b{i}", _cat(hp, f"filters_b{i}", space.block_filters(i)))
             put(f"kernel_b{i}", _cat(hp, f"kernel_b{i}", space.kernel_size))
     put("flatten_dropout", _float(hp, "flatten_dropout", space.flatten_dropout))
     dl = space.dense_layers

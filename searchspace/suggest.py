@@ -40,7 +40,7 @@ def suggest_config(trial: optuna.trial.BaseTrial, space: SearchSpace) -> CnnConf
     blocks = []
     size = 28
     for i in range(n_blocks):
-        filters = int(_cat(trial, f"filters_b{i}", space.filters))
+        filters = int(_cat(trial, f"filters_b{i}", space.block_filters(i)))
         kernel = int(_cat(trial, f"kernel_b{i}", space.kernel_size))
         convs = tuple(
             ConvLayer(

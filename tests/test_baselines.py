@@ -99,7 +99,9 @@ def test_nearest_params_keep_what_the_space_can_express() -> None:
     assert nearest_params(BY_NAME["dense128"].config, two)["n_blocks"] == 2
     lenet = nearest_params(BY_NAME["lenet5_tanh"].config, space)
     assert (lenet["activation"], lenet["pooling"], lenet["n_blocks"]) == ("tanh", "avg", 3)
-    assert lenet["filters_b2"] == 64 and lenet["momentum"] == space.momentum.low  # clamped
+    # Block 2 draws from (64, 128): LeNet's 120 filters map to 128; its 6 in block 0 to 16.
+    assert (lenet["filters_b0"], lenet["filters_b2"]) == (16, 128)
+    assert lenet["momentum"] == space.momentum.low  # clamped
     sgd = nearest_params(BY_NAME["mlm_cnn_sgd"].config, space)
     assert (sgd["optimizer"], sgd["momentum"], sgd["dense_units_l0"]) == ("sgd", 0.9, 128)
     assert nearest_params(BY_NAME["mit_model2_bn"].config, space)["convs_per_block"] == 2

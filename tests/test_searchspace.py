@@ -100,10 +100,32 @@ def test_space_file_yaml_overrides_defaults(tmp_path: Path) -> None:
     assert space.filters == SearchSpace().filters
 
 
+def test_filter_choices_grow_per_block() -> None:
+    space = SearchSpace()
+    assert space.block_filters(0) == space.filters
+    assert space.block_filters(2) == tuple(f * space.filter_growth**2 for f in space.filters)
+    # Growth 1: every block draws from the same choices, as a space file may ask.
+    flat = space_from_dict({"filters": [16, 48], "filter_growth": 1, "n_blocks": [3, 3]})
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    for _ in range(5):
+        t = study.ask()
+        cfg = suggest_config(t, flat)
+        assert all(b.convs[0].filters in (16, 48) for b in cfg.blocks)
+    grown = suggest_config(
+        optuna.trial.FixedTrial(
+            {**t.params, "filters_b0": 16, "filters_b1": 32, "filters_b2": 128}
+        ),
+        space_from_dict({"n_blocks": [3, 3]}),
+    )
+    assert [b.convs[0].filters for b in grown.blocks] == [16, 32, 128]
+
+
 @pytest.mark.parametrize(
     ("content", "needle"),
     [
         ('{"n_block": {"low": 1, "high": 2}}', "'n_block'"),
+        ('{"filter_growth": 0}', "'filter_growth'"),
+        ('{"filter_growth": [2]}', "'filter_growth'"),
         ('{"n_blocks": {"low": 3, "high": 1}}', "'n_blocks'"),
         ('{"filters": []}', "'filters'"),
         ('{"activation": ["relu", "sinus"]}', "'activation'"),
