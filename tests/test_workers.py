@@ -301,3 +301,29 @@ def test_recycled_worker_processes_finish_the_budget(synthetic_dir: Path, tmp_pa
     assert "restarted 2 time(s)" in r.stderr  # 2 + 2 + 1 trials in three processes
     study = optuna.load_study(study_name="rc", storage=f"sqlite:///{tmp_path / 'rc' / 'study.db'}")
     _check_exact(study, 5)
+
+
+@pytest.mark.parametrize(
+    ("argv", "done", "expected"),
+    [
+        (["--trials", "50"], 0, True),  # the default run: 50 trials left > 25 per process
+        (["--trials", "50"], 30, False),  # 20 left: one process is enough
+        (["--trials", "25"], 0, False),
+        (["--trials", "50", "--recycle-after", "0"], 0, False),
+        (["--trials", "5", "--recycle-after", "2"], 0, True),
+        (["--trials", "2", "--workers", "2"], 0, True),
+        (["--trials", "50", "--engine", "keras-tuner"], 0, False),
+    ],
+)
+def test_when_trials_run_in_worker_processes(argv: list[str], done: int, expected: bool) -> None:
+    """No process trains more than --recycle-after models (TensorFlow keeps their memory)."""
+    from fmnist_search.cli import build_parser, uses_worker_processes
+
+    args = build_parser("search").parse_args(argv)
+    assert uses_worker_processes(args, done) is expected
+
+
+def test_recycle_after_zero_needs_one_worker(tmp_path: Path) -> None:
+    r = run_cli("--workers", "2", "--recycle-after", "0", "--results-dir", str(tmp_path))
+    assert r.returncode == 2 and "--recycle-after 0" in r.stderr
+    assert not any(tmp_path.iterdir())
