@@ -5,6 +5,10 @@ Hyperband pruner) over a small space on a stratified subset; the process's resid
 size (psutil) is read after every trial. Growth is measured from the end of the first trial
 (TensorFlow's start-up allocations are not a leak) to the end of the last.
 
+Then the same search through the CLI as a user runs it (`run_search.py --recycle-after N`,
+one worker): the peak RSS of each successive worker process, sampled twice a second, shows
+whether recycling bounds what TensorFlow keeps.
+
     python benchmarks/memory.py            # full: 100 trials on 2,000 training images
     python benchmarks/memory.py --quick    # harness check: 30 trials on 500 images
 """
@@ -12,6 +16,7 @@ size (psutil) is read after every trial. Growth is measured from the end of the 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import subprocess
@@ -34,6 +39,8 @@ def parse_args() -> Any:
     p.add_argument("--train-subset", type=int, default=None, help="training images (full 2000)")
     p.add_argument("--val-size", type=int, default=None, help="validation images (full 2000)")
     p.add_argument("--epochs", type=int, default=1, help="epochs per trial (default 1)")
+    p.add_argument("--recycle-after", type=int, default=10,
+                   help="trials per worker process in the CLI run (default 10; 0 skips it)")
     p.add_argument("--no-bare", action="store_true",
                    help="skip the comparison with bare Keras on the same configs")
     p.add_argument("--bare-child", default=None, help=argparse.SUPPRESS)
@@ -157,10 +164,52 @@ def main() -> int:
             err = [x for x in proc.stderr.splitlines() if x.strip()]
             result["bare_error"] = err[-1] if err else f"exit code {proc.returncode}"
             print(f"bare comparison failed: {result['bare_error']}", file=sys.stderr)
+    if args.recycle_after:
+        print(f"the same search through the CLI, --recycle-after {args.recycle_after} ...",
+              flush=True)
+        result["recycled"] = recycled_run(args, run_dir)
     common.publish(NAME, args.quick, result, env, render, no_doc=args.no_doc, plot=plot)
     print(f"RSS growth over {len(rss)} trials: {result['growth_mb']:+.1f} MB "
           f"({slope:+.2f} MB/trial after trial {tail_from + 1})")
     return 0
+
+
+def recycled_run(args: Any, run_dir: Any) -> dict[str, Any]:
+    """Run the CLI with one recycled worker; peak RSS (MB) of each worker process, in order."""
+    import time
+
+    import psutil
+
+    space_file = run_dir / "small_space.json"
+    space_file.write_text(json.dumps(SMALL_SPACE))
+    cmd = [sys.executable, str(common.ROOT / "run_search.py"), "--trials", str(args.trials),
+           "--epochs", str(args.epochs), "--train-subset", str(args.train_subset),
+           "--val-size", str(args.val_size), "--space", str(space_file), "--seed", "0",
+           "--results-dir", str(run_dir / "recycled"), "--study-name", NAME,
+           "--recycle-after", str(args.recycle_after), "--no-export", "--no-progress"]
+    if args.data_dir:
+        cmd += ["--data-dir", args.data_dir]
+    log = run_dir / "recycled.log"
+    started = time.perf_counter()
+    with open(log, "w") as out:
+        parent = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        peaks: dict[int, float] = {}  # worker pid -> peak RSS (MB); dicts keep start order
+        parent_peak = 0.0
+        me = psutil.Process(parent.pid)
+        while parent.poll() is None:
+            try:
+                parent_peak = max(parent_peak, me.memory_info().rss / 2**20)
+                for c in me.children(recursive=True):
+                    with contextlib.suppress(psutil.Error):
+                        peaks[c.pid] = max(peaks.get(c.pid, 0.0), c.memory_info().rss / 2**20)
+            except psutil.Error:
+                pass  # the parent is ending
+            time.sleep(0.5)
+    workers = list(peaks.values())
+    return {"recycle_after": args.recycle_after, "exit_code": parent.returncode,
+            "wall_s": time.perf_counter() - started, "worker_peak_mb": workers,
+            "parent_peak_mb": parent_peak,
+            "log_tail": common.tail(log, 1) if parent.returncode else ""}
 
 
 def plot(r: dict[str, Any], quick: bool) -> None:
@@ -206,7 +255,32 @@ def render(r: dict[str, Any]) -> str:
         common.verdict(r["growth_mb"] < TARGET_MB,
                        f"growth < {TARGET_MB:.0f} MB over {s['trials']} trials"),
         bare_note(r),
+        recycled_note(r),
         f"![RSS after each trial]({img})",
+    ])
+
+
+def recycled_note(r: dict[str, Any]) -> str:
+    """The CLI's answer: worker processes restarted every N trials, and their peak RSS."""
+    rec = r.get("recycled")
+    if not rec:
+        return "(No recycled CLI run in this measurement.)"
+    peaks = rec["worker_peak_mb"]
+    if rec["exit_code"] != 0 or not peaks:
+        return f"The recycled CLI run failed (exit {rec['exit_code']}): {rec['log_tail']}"
+    n = rec["recycle_after"]
+    rows = [[i + 1, f"{p:.0f}"] for i, p in enumerate(peaks)]
+    growth = peaks[-1] - peaks[0]
+    return "\n\n".join([
+        f"The same search through the CLI as a user runs it, `run_search.py --trials "
+        f"{r['settings']['trials']} --recycle-after {n}` (one worker; {rec['wall_s']:.0f} s): "
+        f"{len(peaks)} successive worker processes of at most {n} trials each. Peak RSS of "
+        f"each (sampled twice a second); the parent, which only watches the storage, peaked "
+        f"at {rec['parent_peak_mb']:.0f} MB:",
+        common.md_table(["worker process", "peak RSS (MB)"], rows),
+        f"Last worker against the first: **{growth:+.0f} MB**.",
+        common.verdict(max(peaks) - peaks[0] < TARGET_MB,
+                       f"no later worker peaks {TARGET_MB:.0f} MB or more above the first"),
     ])
 
 
