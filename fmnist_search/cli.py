@@ -52,7 +52,7 @@ def int_at_least(lo: int) -> Callable[[str], int]:
     return parse
 
 
-DEFAULT_TRAIN_SUBSET = 20_000
+DEFAULT_TRAIN_SUBSET = 10_000
 DEFAULT_RECYCLE = 25  # trials per worker process before it is restarted
 
 

@@ -115,9 +115,9 @@ def test_default_final_epochs_rule() -> None:
     # Peaked at the last epoch: x2 more.
     n, why = ex.default_final_epochs(trial(3), 3, 50_000, 60_000)
     assert n == 8 and "still improving" in why
-    # The default search (20,000 images, 3 epochs) still improving: capped at 5 x 3.
-    assert ex.default_final_epochs(trial(3), 3, 20_000, 60_000)[0] == 15
-    assert ex.default_final_epochs(trial(2), 3, 20_000, 60_000)[0] == 6
+    # The default search (10,000 images, 3 epochs) still improving: capped at 4 x 3.
+    assert ex.default_final_epochs(trial(3), 3, 10_000, 60_000)[0] == 12
+    assert ex.default_final_epochs(trial(2), 3, 10_000, 60_000)[0] == 6
     # A tiny --train-subset search: the data ratio is capped at 3, not x60.
     assert ex.default_final_epochs(trial(4), 10, 1_000, 60_000)[0] == 12
     # No best_epoch stored: taken from the mean validation curve.
