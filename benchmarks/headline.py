@@ -2,7 +2,7 @@
 
 Runs, on a fresh study under results/benchmarks/runs/headline-<form>/ and timing each step:
 
-1. `python run_search.py --trials 50` (the defaults: 3 epochs, 20,000 training images, TPE
+1. `python run_search.py --trials 50` (the defaults: 3 epochs, 10,000 training images, TPE
    with Hyperband pruning),
 2. `python run_search.py baselines` (the seed documents' models under the same protocol),
 3. `python run_search.py export` (final fit on the 60,000 training images, one evaluation on

@@ -9,7 +9,7 @@ work the tool must do for its pruner: the difference between the two bare rows i
 design cost, the rest is bookkeeping. Runs alternate, after one untimed warm-up of each;
 medians are reported.
 
-    python benchmarks/overhead.py            # full: 20,000 training images, 3 epochs, 5 repeats
+    python benchmarks/overhead.py            # full: 10,000 training images, 3 epochs, 5 repeats
     python benchmarks/overhead.py --quick    # harness check: 2,000 images, 1 epoch, 2 repeats
 """
 
@@ -28,12 +28,12 @@ NAME = "overhead"
 
 def parse_args() -> Any:
     p = common.base_parser(__doc__.splitlines()[0])
-    p.add_argument("--train-subset", type=int, default=None, help="training images (full 20000)")
+    p.add_argument("--train-subset", type=int, default=None, help="training images (full 10000)")
     p.add_argument("--val-size", type=int, default=None, help="validation images (full 10000)")
     p.add_argument("--epochs", type=int, default=None, help="epochs per run (full 3)")
     p.add_argument("--repeats", type=int, default=None, help="timed runs of each side (full 5)")
     args = p.parse_args()
-    full = {"train_subset": 20_000, "val_size": 10_000, "epochs": 3, "repeats": 5}
+    full = {"train_subset": 10_000, "val_size": 10_000, "epochs": 3, "repeats": 5}
     quick = {"train_subset": 2_000, "val_size": 1_000, "epochs": 1, "repeats": 2}
     for k, v in (quick if args.quick else full).items():
         if getattr(args, k) is None:

@@ -28,11 +28,11 @@ def parse_args() -> Any:
     p.add_argument("--trials", type=int, default=None, help="trials per run (full 50)")
     p.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (full 3)")
     p.add_argument("--epochs", type=int, default=3, help="epochs per trial (default 3)")
-    p.add_argument("--train-subset", type=int, default=None, help="training images (full 20000)")
+    p.add_argument("--train-subset", type=int, default=None, help="training images (full 10000)")
     p.add_argument("--val-size", type=int, default=None, help="validation images (full 10000)")
     args = p.parse_args()
     defaults = ({"trials": 8, "seeds": 1, "train_subset": 1_000, "val_size": 1_000} if args.quick
-                else {"trials": 50, "seeds": 3, "train_subset": 20_000, "val_size": 10_000})
+                else {"trials": 50, "seeds": 3, "train_subset": 10_000, "val_size": 10_000})
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)

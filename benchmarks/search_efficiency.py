@@ -48,7 +48,7 @@ def parse_args() -> Any:
     p.add_argument("--budget", type=float, default=None, help="seconds per run (full 1800)")
     p.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (full 3)")
     p.add_argument("--epochs", type=int, default=None, help="epochs per trial (full 3)")
-    p.add_argument("--train-subset", type=int, default=None, help="training images (full 20000)")
+    p.add_argument("--train-subset", type=int, default=None, help="training images (full 10000)")
     p.add_argument("--val-size", type=int, default=None, help="validation images (full 10000)")
     p.add_argument("--methods", default=",".join(METHODS),
                    help=f"comma-separated subset of {','.join(METHODS)}")
@@ -59,7 +59,7 @@ def parse_args() -> Any:
     defaults = (
         {"budget": 20.0, "seeds": 2, "epochs": 2, "train_subset": 1_000, "val_size": 1_000}
         if args.quick else
-        {"budget": 1800.0, "seeds": 3, "epochs": 3, "train_subset": 20_000, "val_size": 10_000}
+        {"budget": 1800.0, "seeds": 3, "epochs": 3, "train_subset": 10_000, "val_size": 10_000}
     )
     for k, v in defaults.items():
         if getattr(args, k) is None:

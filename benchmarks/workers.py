@@ -8,7 +8,7 @@ differs. Trials per hour are counted from the first trial's start to the last on
 
 Layouts: 1 worker x 1 thread (one core's worth), 1 worker x 2 threads, 2 workers x 1 thread.
 
-    python benchmarks/workers.py            # full: 12 trials per layout, 3 epochs, 20,000 images
+    python benchmarks/workers.py            # full: 12 trials per layout, 3 epochs, 10,000 images
     python benchmarks/workers.py --quick    # harness check: 4 trials, 1 epoch, 1,000 images
 """
 
@@ -36,11 +36,11 @@ def parse_args() -> Any:
     p = common.base_parser(__doc__.splitlines()[0])
     p.add_argument("--trials", type=int, default=None, help="trials per layout (full 12)")
     p.add_argument("--epochs", type=int, default=None, help="epochs per trial (full 3)")
-    p.add_argument("--train-subset", type=int, default=None, help="training images (full 20000)")
+    p.add_argument("--train-subset", type=int, default=None, help="training images (full 10000)")
     p.add_argument("--val-size", type=int, default=None, help="validation images (full 10000)")
     args = p.parse_args()
     defaults = ({"trials": 4, "epochs": 1, "train_subset": 1_000, "val_size": 1_000} if args.quick
-                else {"trials": 12, "epochs": 3, "train_subset": 20_000, "val_size": 10_000})
+                else {"trials": 12, "epochs": 3, "train_subset": 10_000, "val_size": 10_000})
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
