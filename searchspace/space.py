@@ -33,9 +33,9 @@ class SearchSpace:
     """Ranges (IntRange/FloatRange) and choices (tuples) of the default CNN space.
 
     Parameter names sampled from it (flat, stable): n_blocks, convs_per_block,
-    filters_b{i} (from `block_filters(i)`), kernel_b{i}, pooling, activation, batch_norm, conv_dropout,
-    flatten_dropout, dense_layers, dense_units_l{j}, dense_dropout, optimizer,
-    learning_rate, momentum (SGD only), batch_size.
+    filters_b{i} (choices from `block_filters(i)`), kernel_b{i}, pooling, activation,
+    batch_norm, conv_dropout, flatten_dropout, dense_layers, dense_units_l{j},
+    dense_dropout, optimizer, learning_rate, momentum (SGD only), batch_size.
     """
 
     # 2 or 3 blocks: with few epochs on a subset, a 1-block wide-dense model learns fastest
