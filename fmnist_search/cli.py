@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -54,6 +55,10 @@ def int_at_least(lo: int) -> Callable[[str], int]:
 
 DEFAULT_TRAIN_SUBSET = 10_000
 DEFAULT_RECYCLE = 25  # trials per worker process before it is restarted
+# Default workers: one single-threaded worker per core. On 2 cores, 2 workers x 1 thread ran
+# 1.69x the trials per hour of 1 x 2 threads (docs/benchmarks.md, workers); capped because
+# each worker holds its own copy of the data and TensorFlow (~1.2 GB).
+MAX_AUTO_WORKERS = 4
 
 
 def _train_subset(s: str) -> int:
@@ -237,8 +242,10 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         g.add_argument(
             "--workers",
             type=int_at_least(1),
-            default=1,
-            help="worker processes on this machine sharing the study (default: 1)",
+            default=None,
+            help="worker processes on this machine sharing the study (default: one per CPU "
+            f"core, at most {MAX_AUTO_WORKERS}, when more than --recycle-after trials are left; "
+            "otherwise 1, in this process)",
         )
         g.add_argument(
             "--threads",
@@ -389,10 +396,10 @@ def cmd_search(args: argparse.Namespace) -> int:
     """The search: verify data, open or resume the study, run trials, print the leaderboard."""
     if args.no_final_fit and args.final_epochs is not None:
         raise UsageError("--final-epochs and --no-final-fit exclude each other")
-    if args.recycle_after == 0 and args.workers > 1:
+    if args.recycle_after == 0 and (args.workers or 1) > 1:
         raise UsageError("--recycle-after 0 (trials in this process) needs --workers 1")
     if args.engine == "keras-tuner":
-        if args.workers > 1 or args.recycle_after:
+        if (args.workers or 1) > 1 or args.recycle_after:
             raise UsageError(
                 "--engine keras-tuner runs in one process: drop --workers/--recycle-after"
             )
@@ -558,6 +565,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         sink.progress.disable = True
     try:
         if uses_worker_processes(args, done):
+            args.workers = resolve_workers(args, done)
             code = _run_workers(args, study, sink, console)
         elif args.engine == "keras-tuner":
             from .kt_engine import run_keras_tuner
@@ -611,6 +619,21 @@ def cmd_search(args: argparse.Namespace) -> int:
     return code
 
 
+def resolve_workers(args: argparse.Namespace, done: int) -> int:
+    """--workers, or its default: one per core (at most MAX_AUTO_WORKERS) for long searches.
+
+    A short search (at most --recycle-after trials left) keeps one worker in this process:
+    starting workers costs seconds each, about what a few small trials gain from them.
+    """
+    if args.workers is not None:
+        return int(args.workers)
+    if args.engine == "keras-tuner" or args.recycle_after == 0:
+        return 1
+    if args.trials - done <= (args.recycle_after or DEFAULT_RECYCLE):
+        return 1
+    return max(1, min(os.cpu_count() or 1, MAX_AUTO_WORKERS))
+
+
 def uses_worker_processes(args: argparse.Namespace, done: int) -> bool:
     """Whether the trials run in (recycled) worker processes rather than in this one.
 
@@ -620,7 +643,7 @@ def uses_worker_processes(args: argparse.Namespace, done: int) -> bool:
     """
     if args.engine == "keras-tuner":
         return False
-    if args.workers > 1:
+    if resolve_workers(args, done) > 1:
         return True
     if args.recycle_after == 0:
         return False

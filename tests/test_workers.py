@@ -327,3 +327,24 @@ def test_recycle_after_zero_needs_one_worker(tmp_path: Path) -> None:
     r = run_cli("--workers", "2", "--recycle-after", "0", "--results-dir", str(tmp_path))
     assert r.returncode == 2 and "--recycle-after 0" in r.stderr
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    ("argv", "done", "cores", "expected"),
+    [
+        (["--trials", "50"], 0, 2, 2),  # a long search: one single-threaded worker per core
+        (["--trials", "50"], 0, 16, 4),  # capped: each worker holds the data and TensorFlow
+        (["--trials", "50"], 30, 2, 1),  # 20 left: not worth starting processes
+        (["--trials", "10"], 0, 2, 1),
+        (["--trials", "50", "--workers", "3"], 0, 2, 3),
+        (["--trials", "50", "--recycle-after", "0"], 0, 2, 1),
+        (["--trials", "50", "--engine", "keras-tuner"], 0, 2, 1),
+    ],
+)
+def test_default_workers(
+    argv: list[str], done: int, cores: int, expected: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fmnist_search.cli import build_parser, resolve_workers
+
+    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    assert resolve_workers(build_parser("search").parse_args(argv), done) == expected
