@@ -282,7 +282,8 @@ def test_disk_full_during_search_keeps_the_study(
         return storage
 
     monkeypatch.setattr(st, "make_storage", tiny_disk)
-    code = main([*args[:1], "40", *args[2:]])
+    # In this process (--recycle-after 0), where the storage is patched.
+    code = main([*args[:1], "40", *args[2:], "--recycle-after", "0"])
     err = capsys.readouterr().err
     assert code == 1, err
     assert "full" in err and "Traceback" not in err
