@@ -297,7 +297,10 @@ def test_disk_full_during_search_keeps_the_study(
 
 def test_recycled_worker_processes_finish_the_budget(synthetic_dir: Path, tmp_path: Path) -> None:
     """--recycle-after bounds a process's trials (and so TensorFlow's memory); none is lost."""
-    r = run_cli(*_args(synthetic_dir, tmp_path, "rc", 5, "--recycle-after", "2", "--no-export"))
+    r = run_cli(
+        *_args(synthetic_dir, tmp_path, "rc", 5, "--recycle-after", "2", "--workers", "1"),
+        "--no-export",
+    )
     assert r.returncode == 0, r.stderr
     assert "restarted 2 time(s)" in r.stderr  # 2 + 2 + 1 trials in three processes
     study = optuna.load_study(study_name="rc", storage=f"sqlite:///{tmp_path / 'rc' / 'study.db'}")
