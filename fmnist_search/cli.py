@@ -264,6 +264,8 @@ def build_parser(command: str) -> argparse.ArgumentParser:
             f"(default {DEFAULT_RECYCLE}; one worker with at most {DEFAULT_RECYCLE} trials "
             "left runs them in this process; 0: always in this process, one worker only)",
         )
+        from .export import FINAL_FIT_MINUTES
+
         g = p.add_argument_group("export of the best model (after the search)")
         g.add_argument(
             "--no-export",
@@ -281,6 +283,19 @@ def build_parser(command: str) -> argparse.ArgumentParser:
             "--no-final-fit",
             action="store_true",
             help="export a retrain of the best trial on its own split instead",
+        )
+        g.add_argument(
+            "--final-minutes",
+            type=positive_float,
+            default=FINAL_FIT_MINUTES,
+            help="time budget of the default final epochs, at the best trial's measured "
+            f"speed (default: {FINAL_FIT_MINUTES:g})",
+        )
+        g.add_argument(
+            "--augment",
+            action="store_true",
+            help="flip and shift the training images at random each epoch of the final fit "
+            "(off by default, see README)",
         )
         add_protocol_args(p)
         add_storage_args(p)
@@ -670,6 +685,8 @@ def _export_best(args: argparse.Namespace, study: Any, data: Any, console: Any) 
                 trial_number=best.number,
                 final_epochs=args.final_epochs,
                 final_fit=not args.no_final_fit,
+                augment=args.augment,
+                final_minutes=args.final_minutes,
                 command_line=sys.argv,
                 progress=progress,
             )

