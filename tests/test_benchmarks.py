@@ -118,6 +118,9 @@ def test_summary_times_each_searcher_to_kerastuner_hyperbands_final(docs: Path) 
                 runs=runs, summary=summary)
     text = se.render(r)
     assert "quick form" in text and "**0.25×**" in text and "**met**" in text
+    assert "one run at a time" in text
+    r["settings"].update(parallel=2, threads_per_run=1)  # --parallel 2 says how runs shared
+    assert "2 runs at a time, 1 CPU thread(s) each" in se.render(r)
     se.plot(r, quick=True)
     assert (docs / "benchmark-search_efficiency-quick.png").stat().st_size > 1000
 
