@@ -30,7 +30,8 @@ DOCS = ROOT / "docs"
 DOC = DOCS / "benchmarks.md"
 DEFAULT_DATA_DIR = "/usr/share/datasets/fashion-mnist"
 # The order of the sections in docs/benchmarks.md.
-ORDER = ("headline", "search_efficiency", "pruning", "overhead", "memory", "workers")
+ORDER = ("summary-by-hand", "headline", "search_efficiency", "pruning", "overhead", "memory",
+         "workers")
 
 DOC_HEADER = """# Benchmarks
 

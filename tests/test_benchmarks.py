@@ -194,4 +194,6 @@ def test_headline_quick_commands_are_small() -> None:
     steps = headline.commands(args, Path("/tmp/x"))
     assert list(steps) == ["search", "baselines", "export"]
     assert "--train-subset" in steps["search"] and "--only" in steps["baselines"]
+    # The final fit runs once: in the export step, not also at the end of the search.
+    assert "--no-export" in steps["search"]
     assert steps["export"][-3:] == ["--results-dir", "/tmp/x", "--no-progress"]
