@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -76,8 +77,14 @@ def run_cli(*args: str, timeout: int = 300, **env: str) -> subprocess.CompletedP
     )
 
 
+def _default_sigint() -> None:
+    # A shell that starts the test run in the background (`cmd &` without job control)
+    # makes SIGINT ignored, and children inherit that: the Ctrl-C tests need it back.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def popen_cli(*args: str, **env: str) -> subprocess.Popen[str]:
-    """Start `python run_search.py ARGS` in the background."""
+    """Start `python run_search.py ARGS` in the background (Ctrl-C reaches it)."""
     return subprocess.Popen(
         [sys.executable, str(ROOT / "run_search.py"), *args],
         stdout=subprocess.PIPE,
@@ -85,4 +92,5 @@ def popen_cli(*args: str, **env: str) -> subprocess.Popen[str]:
         text=True,
         cwd=ROOT,
         env=cli_env(**env),
+        preexec_fn=_default_sigint,
     )
