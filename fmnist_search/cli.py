@@ -411,6 +411,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     """The search: verify data, open or resume the study, run trials, print the leaderboard."""
     if args.no_final_fit and args.final_epochs is not None:
         raise UsageError("--final-epochs and --no-final-fit exclude each other")
+    if args.no_final_fit and args.augment:
+        raise UsageError("--augment and --no-final-fit exclude each other")
     if args.recycle_after == 0 and (args.workers or 1) > 1:
         raise UsageError("--recycle-after 0 (trials in this process) needs --workers 1")
     if args.engine == "keras-tuner":

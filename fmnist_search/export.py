@@ -514,6 +514,8 @@ def export_study(
                 raise ExportError(
                     "--final-epochs applies to the final fit; drop it or --no-final-fit"
                 )
+            if augment:
+                raise ExportError("--augment applies to the final fit; drop it or --no-final-fit")
             final_epochs, rule = sp.epochs, "the trial's own epochs (--no-final-fit)"
             res = _fit(
                 cfg, folds.x[tr], folds.y[tr], folds.x[va], folds.y[va], epochs=sp.epochs,
@@ -858,6 +860,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.no_final_fit and args.final_epochs is not None:
         raise UsageError("--final-epochs and --no-final-fit exclude each other")
+    if args.no_final_fit and args.augment:
+        raise UsageError("--augment and --no-final-fit exclude each other")
     try:
         study = load_stored_study(args)
         trial = pick_trial(study, args.trial)  # fail fast, before loading data or TensorFlow

@@ -322,6 +322,8 @@ def test_other_data_or_missing_study_refused(
     assert "no study 'nope'" in _only_line(capsys.readouterr().err)
     assert main([*base, "--final-epochs", "2", "--no-final-fit"]) == 2
     assert "exclude each other" in _only_line(capsys.readouterr().err)
+    assert main([*base, "--augment", "--no-final-fit"]) == 2
+    assert "--augment and --no-final-fit" in _only_line(capsys.readouterr().err)
 
 
 def test_baseline_comparison_reads_baselines_study(searched: tuple[Path, Any]) -> None:

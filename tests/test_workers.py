@@ -333,6 +333,12 @@ def test_recycle_after_zero_needs_one_worker(tmp_path: Path) -> None:
     assert not any(tmp_path.iterdir())
 
 
+def test_augment_needs_the_final_fit(tmp_path: Path) -> None:
+    r = run_cli("--augment", "--no-final-fit", "--results-dir", str(tmp_path))
+    assert r.returncode == 2 and "--augment and --no-final-fit" in r.stderr
+    assert not any(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize(
     ("argv", "done", "cores", "expected"),
     [
