@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import sqlite3
 import time
 import uuid
 from pathlib import Path
@@ -90,6 +92,17 @@ def test_two_machines_share_the_budget(pg_url: str, synthetic_dir: Path, tmp_pat
     _check_exact(optuna.load_study(study_name=name, storage=pg_url), 7)
 
 
+def _schema_written(path: str) -> bool:
+    """The SQLite file exists and Optuna has stamped its schema version (read-only look)."""
+    if not Path(path).exists():
+        return False
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as c:
+            return bool(c.execute("SELECT count(*) FROM alembic_version").fetchone()[0])
+    except sqlite3.Error:
+        return False
+
+
 def _wait_for_running(
     db: str, name: str, proc: object, min_finished: int = 1, limit: float = 300
 ) -> int:
@@ -98,7 +111,9 @@ def _wait_for_running(
     while time.monotonic() < deadline:
         assert proc.poll() is None, proc.communicate()  # type: ignore[attr-defined]
         try:
-            if storage is None and (not db.startswith("sqlite") or Path(db[10:]).exists()):
+            # Open the storage only once the CLI has written the schema: opening it
+            # earlier makes this poller write it too, and one of the two writers fails.
+            if storage is None and (not db.startswith("sqlite") or _schema_written(db[10:])):
                 storage = optuna.storages.RDBStorage(db)
             if storage is None:
                 raise FileNotFoundError(db)
