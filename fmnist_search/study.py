@@ -6,6 +6,7 @@ import fcntl
 import hashlib
 import os
 import re
+import threading
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -298,6 +299,41 @@ class TrialLock:
                 self._conn = None
 
 
+def _heartbeat_threads() -> list[tuple[threading.Thread, int, threading.Event]]:
+    """Optuna's live heartbeat threads, with the trial id and stop event of each."""
+    found = []
+    for t in threading.enumerate():
+        # Optuna starts them as Thread(target=_record_heartbeat, args=(trial_id, storage, event)).
+        if getattr(getattr(t, "_target", None), "__name__", "") != "_record_heartbeat":
+            continue
+        args = getattr(t, "_args", ())
+        if len(args) == 3 and isinstance(args[0], int) and isinstance(args[2], threading.Event):
+            found.append((t, args[0], args[2]))
+    return found
+
+
+def _stop_heartbeats(study: optuna.Study, reason: str) -> list[int]:
+    """Stop heartbeat threads an interrupted trial start left behind; fail their trials.
+
+    A Ctrl-C that lands inside Optuna's `with get_heartbeat_thread(...)` entry (after the
+    thread started, before the block began) skips its exit: the non-daemon thread beats on,
+    the process never exits, and the trial stays RUNNING. Returns the trials failed here.
+    """
+    failed = []
+    for thread, trial_id, stop in _heartbeat_threads():
+        stop.set()
+        thread.join(timeout=10)
+        try:
+            frozen = study._storage.get_trial(trial_id)
+            if frozen.state == TrialState.RUNNING:
+                study._storage.set_trial_user_attr(trial_id, "fail_reason", reason)
+                study._storage.set_trial_state_values(trial_id, TrialState.FAIL)
+                failed.append(frozen.number)
+        except Exception:  # the storage itself may be what failed: reopening fails it
+            pass
+    return failed
+
+
 def run_trials(
     study: optuna.Study,
     objective: Callable[[optuna.Trial], float | tuple[float, ...]],
@@ -365,6 +401,10 @@ def run_trials(
                 catch=(Exception,),
                 gc_after_trial=True,
             )
+        except BaseException as e:  # Ctrl-C, SystemExit, a lost storage
+            reason = "interrupted (Ctrl-C)" if isinstance(e, KeyboardInterrupt) else None
+            _stop_heartbeats(study, reason or f"interrupted ({type(e).__name__})")
+            raise
         finally:
             release()
         if last and last[-1].state == TrialState.FAIL:

@@ -97,3 +97,29 @@ def test_samplers(name: str) -> None:
 @pytest.mark.parametrize("name", st.PRUNERS)
 def test_pruners(name: str) -> None:
     assert st.make_pruner(name, 6) is not None
+
+
+def test_ctrl_c_while_the_heartbeat_starts_leaves_no_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C inside Optuna's heartbeat `with` entry: its exit never runs, so its non-daemon
+    thread would keep the process alive for good and the trial would stay RUNNING."""
+    import optuna.storages._heartbeat as hb
+
+    started = hb.HeartbeatThread.start
+
+    def start_then_ctrl_c(self: hb.HeartbeatThread) -> None:
+        started(self)  # the thread runs...
+        raise KeyboardInterrupt  # ...and Ctrl-C arrives before the trial's block begins
+
+    monkeypatch.setattr(hb.HeartbeatThread, "start", start_then_ctrl_c)
+    study = _open(st.default_storage(tmp_path, "s"))
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            st.run_trials(study, _quick, 2)
+        assert not st._heartbeat_threads()
+        t = study.get_trials()[0]
+        assert t.state == TrialState.FAIL and t.user_attrs["fail_reason"] == "interrupted (Ctrl-C)"
+    finally:
+        for _, _, stop in st._heartbeat_threads():  # never leave pytest unable to exit
+            stop.set()
