@@ -301,12 +301,12 @@ class TrialLock:
 
 def _heartbeat_threads() -> list[tuple[threading.Thread, int, threading.Event]]:
     """Optuna's live heartbeat threads, with the trial id and stop event of each."""
-    found = []
+    found: list[tuple[threading.Thread, int, threading.Event]] = []
     for t in threading.enumerate():
         # Optuna starts them as Thread(target=_record_heartbeat, args=(trial_id, storage, event)).
         if getattr(getattr(t, "_target", None), "__name__", "") != "_record_heartbeat":
             continue
-        args = getattr(t, "_args", ())
+        args: tuple[Any, ...] = tuple(getattr(t, "_args", ()))
         if len(args) == 3 and isinstance(args[0], int) and isinstance(args[2], threading.Event):
             found.append((t, args[0], args[2]))
     return found
