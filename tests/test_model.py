@@ -54,3 +54,24 @@ def test_collapse_rejected_before_any_layer() -> None:
     cfg = CnnConfig(blocks=(ConvBlock(convs=(ConvLayer(4, 29, padding="valid"),)),))
     with pytest.raises(InvalidConfigError):
         build_cnn(cfg)
+
+
+def test_batchnorm_statistics_settle_within_a_short_trial() -> None:
+    """After 30 steps a BatchNorm model predicts in inference mode as it does in training
+    mode: the moving statistics have caught up (Keras' default momentum needs hundreds)."""
+    import numpy as np
+
+    from fmnist_search.training import fit_config
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 960).astype("int32")
+    x = (0.5 + 0.3 * y[:, None, None, None] + 0.1 * rng.standard_normal((960, 28, 28, 1)))
+    x = x.astype("float32")
+    cfg = CnnConfig(
+        blocks=(ConvBlock(convs=(ConvLayer(8, 3, batch_norm=True),)),), batch_size=32
+    )
+    res = fit_config(cfg, x, y, None, None, epochs=1, seed=0, num_classes=2, keep_model=True)
+    assert res.model is not None
+    infer = np.asarray(res.model(x, training=False)).argmax(1)
+    train = np.asarray(res.model(x, training=True)).argmax(1)
+    assert (infer == train).mean() > 0.95 and (infer == y).mean() > 0.95
