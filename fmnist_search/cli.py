@@ -687,7 +687,8 @@ def _export_best(args: argparse.Namespace, study: Any, data: Any, console: Any) 
         console.print("[yellow]no complete (feasible) trial: nothing to export[/yellow]")
         return 0
     out_dir = st.study_dir(args.results_dir, args.study_name) / EXPORT_DIR
-    console.print(f"final fit of trial {best.number} and export to {out_dir}", highlight=False)
+    more = f" and the next best {args.ensemble - 1} (--ensemble)" if args.ensemble > 1 else ""
+    console.print(f"final fit of trial {best.number}{more}, export to {out_dir}", highlight=False)
     try:
         with FitProgress(disable=args.no_progress) as progress:
             export_study(
