@@ -289,7 +289,7 @@ def build_parser(command: str) -> argparse.ArgumentParser:
             type=positive_float,
             default=FINAL_FIT_MINUTES,
             help="time budget of the default final epochs, at the best trial's measured "
-            f"speed (default: {FINAL_FIT_MINUTES:g})",
+            f"speed, shared by --ensemble members (default: {FINAL_FIT_MINUTES:g})",
         )
         g.add_argument(
             "--augment",
@@ -719,7 +719,9 @@ def _export_best(args: argparse.Namespace, study: Any, data: Any, console: Any) 
             highlight=False,
         )
     console.print(
-        f"exported trial {card['trial']}: test accuracy [bold]{card['test_accuracy']:.4f}[/bold] "
+        f"exported trial {card['trial']}"
+        + (f" and {len(card['ensemble']) - 1} more (ensemble)" if card.get("ensemble") else "")
+        + f": test accuracy [bold]{card['test_accuracy']:.4f}[/bold] "
         f"({card['final_epochs']} epoch(s) on {card.get('train_images', 'all')} images) "
         f"-> {out_dir}",
         highlight=False,

@@ -538,20 +538,24 @@ def export_study(
     sp = _search_protocol(protocol)
     folds = make_folds(data, sp)
     tr, va = folds.splits[0]
+    given_seed = seed
     trial_seed = sp.seed * 100_003 + trial.number  # as fmnist_search.objective seeds the trial
     seed = trial_seed if seed is None else seed
     card: dict[str, Any] = {}
     members = ensemble_members(study, trial, ensemble) if ensemble > 1 else [trial]
+    _check_ensemble_size(members, protocol)
+    current = trial  # the trial being fitted, for the error messages
     fits: list[tuple[FrozenTrial, Any, int, str, int, Any]] = []
     try:
         if final_fit:
             # The budget is the whole final fit's: each member gets its share.
             budget_s = None if final_minutes is None else 60 * final_minutes / len(members)
             for m in members:
+                current = m
                 m_cfg = cfg if m.number == trial.number else CnnConfig.from_json(
                     m.user_attrs["config"]
                 )
-                m_seed = sp.seed * 100_003 + m.number if seed is None else seed
+                m_seed = sp.seed * 100_003 + m.number if given_seed is None else given_seed
                 if final_epochs is None:
                     m_epochs, m_rule = default_final_epochs(
                         m, sp.epochs, len(tr), len(data.y_train), budget_s=budget_s
@@ -608,9 +612,9 @@ def export_study(
             card["reproduced_best_epoch"] = res.best_epoch
             train_images = len(tr)
     except InvalidConfigError as e:
-        raise ExportError(f"trial {trial.number}: cannot build its config: {e}") from None
+        raise ExportError(f"trial {current.number}: cannot build its config: {e}") from None
     except DivergedError as e:
-        raise ExportError(f"trial {trial.number}: the final fit diverged ({e}); "
+        raise ExportError(f"trial {current.number}: the final fit diverged ({e}); "
                           "try --seed or --final-epochs") from None
     _check_fitted(trial, res)
     model = res.model
@@ -634,10 +638,12 @@ def export_study(
         ]
         card["ensemble_note"] = (
             f"the average of the softmax outputs of {len(fits)} models, each retrained on all "
-            "training images: the best trial and the next best of other architectures "
-            "(dropout, optimiser and batch size aside)"
+            f"training images: trial {trial.number} and the next best trials of other "
+            "architectures (dropout, optimiser and batch size aside); the top-level "
+            "final_epochs, seed and config are trial "
+            f"{trial.number}'s, params and train_time_s the whole ensemble's"
             + ("" if len(fits) == ensemble else f"; {ensemble} were asked, the study had "
-               f"{len(fits)} complete trials")
+               f"{len(fits)} complete, feasible trials with a usable config")
         )
     metrics = _evaluate(model, data)  # the one and only look at the test images
     ua = trial.user_attrs
@@ -681,14 +687,25 @@ def export_study(
         "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     path = write_export(model, card, out_dir)
-    # Only now, with the export in place: the leaderboard's "test" column points at a real model
-    # (an ensemble's members each get their own accuracy; the card holds the ensemble's).
+    # Only now, with the export in place: the leaderboard's "test" column gets the accuracy of a
+    # model that was really fitted (an ensemble's members their own; the card the ensemble's).
     by_number = {m.number: m for m in members}
     for member in card.get("ensemble") or [{"trial": trial.number, **metrics}]:
         t = by_number[member["trial"]]
         annotate_trial(study, t, "test_accuracy", member["test_accuracy"])
         annotate_trial(study, t, "test_final_fit", bool(card["final_fit"]))
     return path
+
+
+def _check_ensemble_size(members: Sequence[FrozenTrial], protocol: dict[str, Any]) -> None:
+    """Refuse an ensemble whose summed parameters break the study's --max-params."""
+    limit = protocol.get("max_params")
+    total = sum(int(m.user_attrs.get("params") or 0) for m in members)
+    if len(members) > 1 and limit is not None and total > int(limit):
+        raise ExportError(
+            f"an ensemble of {len(members)} has {total:,} parameters, over the study's "
+            f"--max-params {int(limit):,}; use a smaller --ensemble"
+        )
 
 
 def _check_fitted(trial: FrozenTrial, res: Any) -> None:
@@ -910,7 +927,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                    "training images")
     p.add_argument("--final-minutes", type=positive_float, default=FINAL_FIT_MINUTES,
                    help="time budget of the default final epochs, at the trial's measured "
-                   f"speed (default {FINAL_FIT_MINUTES:g})")
+                   f"speed, shared by --ensemble members (default {FINAL_FIT_MINUTES:g})")
     p.add_argument("--augment", action="store_true",
                    help="flip and shift the training images at random each epoch of the final "
                    "fit (off by default: it lost 1.3 points at 24 epochs, see README)")

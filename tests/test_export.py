@@ -379,6 +379,12 @@ def test_ensemble_members_prefer_other_architectures(
     assert [t.number for t in ex.ensemble_members(study, lead, 5)] == [0, 2, 1]  # all there is
     other = study.trials[2]
     assert [t.number for t in ex.ensemble_members(study, other, 2)] == [2, 0]  # --trial 2 leads
+    # A study searched under --max-params keeps its limit for the ensemble as a whole.
+    members = ex.ensemble_members(study, lead, 2)
+    size = sum(t.user_attrs["params"] for t in members)
+    ex._check_ensemble_size(members, {"max_params": size})
+    with pytest.raises(ex.ExportError, match="over the study's --max-params"):
+        ex._check_ensemble_size(members, {"max_params": size - 1})
 
 
 def test_ensemble_export_averages_its_members(
@@ -398,6 +404,7 @@ def test_ensemble_export_averages_its_members(
                           ensemble=2, command_line=["test"])
     card = json.loads((out / "model_card.json").read_text())
     assert [m["trial"] for m in card["ensemble"]] == [0, 2] and card["trial"] == 0
+    assert [m["seed"] for m in card["ensemble"]] == [0, 2]  # each member its trial's own seed
     assert "average of the softmax outputs of 2 models" in card["ensemble_note"]
     total = sum(m["train_time_s"] for m in card["ensemble"])
     assert card["train_time_s"] == pytest.approx(total, abs=0.01)  # each rounded to 1 ms
