@@ -39,6 +39,8 @@ PUBLISHED = [
 def parse_args() -> Any:
     p = common.base_parser(__doc__.splitlines()[0])
     p.add_argument("--trials", type=int, default=None, help="search trials (full 50)")
+    p.add_argument("--ensemble", type=int, default=1,
+                   help="passed to the export step (default 1, the CLI's default)")
     args = p.parse_args()
     if args.trials is None:
         args.trials = 3 if args.quick else 50
@@ -62,6 +64,8 @@ def commands(args: Any, root: Any) -> dict[str, list[str]]:
         steps["baselines"] = [*run, "baselines", *only, *where, *data, "--no-progress"]
     if "export" in PLUGINS:
         final = ["--final-epochs", "1"] if args.quick else []
+        if args.ensemble > 1:
+            final += ["--ensemble", str(args.ensemble)]
         steps["export"] = [*run, "export", *final, *where, *data, "--no-progress"]
     return steps
 
@@ -91,7 +95,7 @@ def main() -> int:
     study = optuna.load_study(study_name=STUDY, storage=f"sqlite:///{db}") if db.exists() else None
     trials = study.get_trials() if study else []
     result = {
-        "settings": {"trials": args.trials},
+        "settings": {"trials": args.trials, "ensemble": args.ensemble},
         "steps": steps,
         "search": {
             "complete": sum(t.state.name == "COMPLETE" for t in trials),

@@ -289,13 +289,21 @@ def build_parser(command: str) -> argparse.ArgumentParser:
             type=positive_float,
             default=FINAL_FIT_MINUTES,
             help="time budget of the default final epochs, at the best trial's measured "
-            f"speed (default: {FINAL_FIT_MINUTES:g})",
+            f"speed, shared by --ensemble members (default: {FINAL_FIT_MINUTES:g})",
         )
         g.add_argument(
             "--augment",
             action="store_true",
             help="flip and shift the training images at random each epoch of the final fit "
             "(off by default, see README)",
+        )
+        g.add_argument(
+            "--ensemble",
+            type=int_at_least(1),
+            default=1,
+            metavar="K",
+            help="final fit of the best trial and the next best K-1 of other architectures, "
+            "exported as one model averaging them (default 1: the best trial alone)",
         )
         add_protocol_args(p)
         add_storage_args(p)
@@ -413,6 +421,8 @@ def cmd_search(args: argparse.Namespace) -> int:
         raise UsageError("--final-epochs and --no-final-fit exclude each other")
     if args.no_final_fit and args.augment:
         raise UsageError("--augment and --no-final-fit exclude each other")
+    if args.no_final_fit and args.ensemble > 1:
+        raise UsageError("--ensemble and --no-final-fit exclude each other")
     if args.recycle_after == 0 and (args.workers or 1) > 1:
         raise UsageError("--recycle-after 0 (trials in this process) needs --workers 1")
     if args.engine == "keras-tuner":
@@ -677,7 +687,8 @@ def _export_best(args: argparse.Namespace, study: Any, data: Any, console: Any) 
         console.print("[yellow]no complete (feasible) trial: nothing to export[/yellow]")
         return 0
     out_dir = st.study_dir(args.results_dir, args.study_name) / EXPORT_DIR
-    console.print(f"final fit of trial {best.number} and export to {out_dir}", highlight=False)
+    more = f" and the next best {args.ensemble - 1} (--ensemble)" if args.ensemble > 1 else ""
+    console.print(f"final fit of trial {best.number}{more}, export to {out_dir}", highlight=False)
     try:
         with FitProgress(disable=args.no_progress) as progress:
             export_study(
@@ -691,6 +702,7 @@ def _export_best(args: argparse.Namespace, study: Any, data: Any, console: Any) 
                 final_minutes=args.final_minutes,
                 command_line=sys.argv,
                 progress=progress,
+                ensemble=args.ensemble,
             )
     except ExportError as e:
         err(str(e))
@@ -698,8 +710,18 @@ def _export_best(args: argparse.Namespace, study: Any, data: Any, console: Any) 
     import json
 
     card = json.loads((out_dir / "model_card.json").read_text(encoding="utf-8"))
+    if card.get("ensemble"):
+        console.print(
+            "ensemble members: "
+            + ", ".join(
+                f"trial {m['trial']} (test {m['test_accuracy']:.4f})" for m in card["ensemble"]
+            ),
+            highlight=False,
+        )
     console.print(
-        f"exported trial {card['trial']}: test accuracy [bold]{card['test_accuracy']:.4f}[/bold] "
+        f"exported trial {card['trial']}"
+        + (f" and {len(card['ensemble']) - 1} more (ensemble)" if card.get("ensemble") else "")
+        + f": test accuracy [bold]{card['test_accuracy']:.4f}[/bold] "
         f"({card['final_epochs']} epoch(s) on {card.get('train_images', 'all')} images) "
         f"-> {out_dir}",
         highlight=False,

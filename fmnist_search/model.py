@@ -9,9 +9,9 @@ from searchspace.config import CnnConfig, validate
 # BatchNorm's moving statistics keep this share of their old value at each step. Keras'
 # default, 0.99, needs several hundred steps to forget its initial mean 0 / variance 1: a
 # 3-epoch trial on 10,000 images has 120 to 470, and BatchNorm models then scored near
-# chance in inference mode (val 0.16 after one epoch against 0.77 with 0.9, measured on a
-# run's trial; docs/benchmarks.md), so the pruner cut them all. 0.9 (PyTorch's default)
-# settles within tens of steps and does no harm to long fits.
+# chance in inference mode (val 0.16 after one epoch against 0.77 with 0.9, measured on one
+# of run 5's trials; README), so they were pruned or ranked low. 0.9 (PyTorch's default)
+# settles within tens of steps; a final fit has thousands either way.
 BN_MOMENTUM = 0.9
 
 

@@ -423,7 +423,12 @@ def fig_model_card(
     if isinstance(acc, (int, float)):
         sec.notes.insert(
             0,
-            f"Trial {card.get('trial', '?')}: test accuracy {acc:.4f} on "
+            (
+                f"Ensemble of trials {', '.join(str(m.get('trial')) for m in card['ensemble'])}"
+                if card.get("ensemble")
+                else f"Trial {card.get('trial', '?')}"
+            )
+            + f": test accuracy {acc:.4f} on "
             f"{card.get('test_images', int(cm.sum()) if cm.size else '?')} test "
             "images (the search never saw them). Counts in the cells; colour = "
             "share of the true class.",

@@ -190,10 +190,13 @@ def test_overhead_memory_workers_and_headline_render(docs: Path) -> None:
 
 
 def test_headline_quick_commands_are_small() -> None:
-    args = type("A", (), {"quick": True, "trials": 3, "data_dir": None})()
+    args = type("A", (), {"quick": True, "trials": 3, "data_dir": None, "ensemble": 1})()
     steps = headline.commands(args, Path("/tmp/x"))
     assert list(steps) == ["search", "baselines", "export"]
     assert "--train-subset" in steps["search"] and "--only" in steps["baselines"]
     # The final fit runs once: in the export step, not also at the end of the search.
     assert "--no-export" in steps["search"]
     assert steps["export"][-3:] == ["--results-dir", "/tmp/x", "--no-progress"]
+    assert "--ensemble" not in steps["export"]
+    args.ensemble = 3  # type: ignore[attr-defined]
+    assert "--ensemble 3" in " ".join(headline.commands(args, Path("/tmp/x"))["export"])

@@ -342,3 +342,106 @@ def test_baseline_comparison_reads_baselines_study(searched: tuple[Path, Any]) -
     assert rows["mlm_cnn_sgd"]["remeasured_runs"] == 2
     assert rows["dense128"]["remeasured_val_accuracy"] is None
     assert rows["mlm_cnn_sgd"]["documented_metric"] == "test"
+
+
+# --------------------------------------------------------------------------- --ensemble
+
+
+def _add_complete(study: optuna.Study, cfg: Any, value: float) -> None:
+    from fmnist_search.model import count_params
+
+    study.add_trial(
+        optuna.trial.create_trial(
+            state=TrialState.COMPLETE, value=value, params={}, distributions={},
+            user_attrs={"config": cfg.to_json(), "params": count_params(cfg, 10)},
+        )
+    )
+
+
+def test_ensemble_members_prefer_other_architectures(
+    tiny_dataset: Dataset, tmp_path: Path
+) -> None:
+    from dataclasses import replace
+
+    from searchspace import CnnConfig, ConvBlock, ConvLayer
+
+    a = CnnConfig(blocks=(ConvBlock(convs=(ConvLayer(8, 3),), dropout=0.1),), batch_size=32)
+    a_other_training = replace(a, blocks=(replace(a.blocks[0], dropout=0.3),), learning_rate=0.01)
+    b = replace(a, blocks=(ConvBlock(convs=(ConvLayer(16, 3),)),))
+    study = _open(tmp_path, "m", tiny_dataset)
+    for cfg, value in ((a, 0.9), (a_other_training, 0.8), (b, 0.7)):
+        _add_complete(study, cfg, value)
+    lead = ex.pick_trial(study)
+    assert ex.architecture_key(a) == ex.architecture_key(a_other_training)
+    assert ex.architecture_key(a) != ex.architecture_key(b)
+    assert [t.number for t in ex.ensemble_members(study, lead, 2)] == [0, 2]  # 1 is a's twin
+    assert [t.number for t in ex.ensemble_members(study, lead, 3)] == [0, 2, 1]  # fills up
+    assert [t.number for t in ex.ensemble_members(study, lead, 5)] == [0, 2, 1]  # all there is
+    other = study.trials[2]
+    assert [t.number for t in ex.ensemble_members(study, other, 2)] == [2, 0]  # --trial 2 leads
+    # A study searched under --max-params keeps its limit for the ensemble as a whole.
+    members = ex.ensemble_members(study, lead, 2)
+    size = sum(t.user_attrs["params"] for t in members)
+    ex._check_ensemble_size(members, {"max_params": size})
+    with pytest.raises(ex.ExportError, match="over the study's --max-params"):
+        ex._check_ensemble_size(members, {"max_params": size - 1})
+
+
+def test_ensemble_export_averages_its_members(
+    tiny_dataset: Dataset, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import keras
+
+    from searchspace import CnnConfig, ConvBlock, ConvLayer
+
+    study = _open(tmp_path, "e", tiny_dataset)
+    study.optimize(Objective(make_folds(tiny_dataset, PROTOCOL), SPACE, PROTOCOL), n_trials=1)
+    lead = CnnConfig.from_json(study.trials[0].user_attrs["config"])
+    _add_complete(study, lead, -1.0)  # the same model again, ranked last: not a member
+    other = CnnConfig(blocks=(ConvBlock(convs=(ConvLayer(4, 5),), pool="avg"),), batch_size=32)
+    _add_complete(study, other, -0.5)
+    out = ex.export_study(study, tiny_dataset, tmp_path / "best_model", final_epochs=1,
+                          ensemble=2, command_line=["test"])
+    card = json.loads((out / "model_card.json").read_text())
+    assert [m["trial"] for m in card["ensemble"]] == [0, 2] and card["trial"] == 0
+    assert [m["seed"] for m in card["ensemble"]] == [0, 2]  # each member its trial's own seed
+    assert "average of the softmax outputs of 2 models" in card["ensemble_note"]
+    total = sum(m["train_time_s"] for m in card["ensemble"])
+    assert card["train_time_s"] == pytest.approx(total, abs=0.01)  # each rounded to 1 ms
+    _sha256sum_ok(out)
+
+    # The file alone (safe mode) holds both members, and its output is their mean.
+    model = keras.saving.load_model(out / "model.keras", safe_mode=True)
+    x, y = tiny_dataset.x_test, tiny_dataset.y_test
+    parts = [model.get_layer(f"trial_{n}").predict(x, verbose=0) for n in (0, 2)]
+    probs = model.predict(x, verbose=0)
+    np.testing.assert_allclose(probs, np.mean(parts, axis=0), atol=1e-6)
+    assert card["test_accuracy"] == pytest.approx(float(np.mean(probs.argmax(1) == y)))
+    for m, p in zip(card["ensemble"], parts, strict=True):
+        assert m["test_accuracy"] == pytest.approx(float(np.mean(p.argmax(1) == y)))
+    assert card["params"] == sum(m["params"] for m in card["ensemble"])
+    # Each member's own test accuracy goes to the leaderboard's test column.
+    stored = {t.number: t.user_attrs for t in st.trials_with_annotations(study)}
+    assert stored[2]["test_accuracy"] == pytest.approx(card["ensemble"][1]["test_accuracy"])
+    assert "test_accuracy" not in stored[1]
+    # `predict` uses it as any other export.
+    np.save(tmp_path / "x.npy", x[:3])
+    assert main(["predict", "--model", str(out), str(tmp_path / "x.npy")]) == 0
+    assert capsys.readouterr().out.count("x.npy[") == 3
+
+
+def test_ensemble_needs_the_final_fit(
+    searched: tuple[Path, Any], synthetic_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    results, _ = searched
+    where = ["--study-name", NAME, "--results-dir", str(results), "--data-dir", str(synthetic_dir)]
+    for argv in (["export", *where, "--ensemble", "2", "--no-final-fit"],
+                 ["export", *where, "--ensemble", "2", "--pareto"],
+                 ["export", *where, "--ensemble", "0"],
+                 [*where, "--trials", "1", "--ensemble", "2", "--no-final-fit"]):
+        try:
+            code = main(argv)
+        except SystemExit as e:  # argparse's own refusals (a count below 1)
+            code = e.code
+        assert code == 2, argv
+        assert "--ensemble" in _only_line(capsys.readouterr().err), argv
