@@ -242,12 +242,14 @@ def default_final_epochs(
     trial_train_size: int,
     full_train_size: int,
     budget_s: float | None = None,
+    speed: float = 1.0,
 ) -> tuple[int, str]:
     """Epochs for the final fit on all training images, and the rule applied, in words.
 
     peak x min(full / trial's training images, SCALE_CAP), x STILL_IMPROVING_FACTOR when
     the peak is the last epoch, rounded up, and at most what fits `budget_s` at the trial's
-    measured speed (when it was measured).
+    measured speed (when it was measured) times `speed`: final fits measured so far took
+    this share of their estimated time (1: none measured yet).
     """
     peak = _peak_epoch(trial, trial_epochs)
     scale = min(full_train_size / max(1, trial_train_size), SCALE_CAP)
@@ -263,11 +265,13 @@ def default_final_epochs(
     why += f", rounded up: {n}"
     epoch_s = estimated_epoch_seconds(trial, trial_train_size, full_train_size)
     if budget_s is not None and epoch_s:
+        epoch_s *= speed
         fits = max(1, int(budget_s // epoch_s))
         if fits < n:
             n = fits
-            why += (f"; {fits} at about {epoch_s:.0f} s per epoch (the trial's speed) fit "
-                    f"the {budget_s / 60:g} min budget of the final fit")
+            measured = "" if speed == 1.0 else f" x {speed:.2f}, as measured on the fits before"
+            why += (f"; {fits} at about {epoch_s:.0f} s per epoch (the trial's speed{measured}) "
+                    f"fit the {budget_s / 60:.3g} min budget of the final fit")
     return n, why
 
 
@@ -548,17 +552,23 @@ def export_study(
     fits: list[tuple[FrozenTrial, Any, int, str, int, Any]] = []
     try:
         if final_fit:
-            # The budget is the whole final fit's: each member gets its share.
-            budget_s = None if final_minutes is None else 60 * final_minutes / len(members)
-            for m in members:
+            # The budget is the whole final fit's: each member gets an equal share of what is
+            # left, at the speed the members before it really trained (estimates err long).
+            spent, speed = 0.0, 1.0
+            for i, m in enumerate(members):
                 current = m
+                budget_s = (
+                    None
+                    if final_minutes is None
+                    else max(0.0, 60 * final_minutes - spent) / (len(members) - i)
+                )
                 m_cfg = cfg if m.number == trial.number else CnnConfig.from_json(
                     m.user_attrs["config"]
                 )
                 m_seed = sp.seed * 100_003 + m.number if given_seed is None else given_seed
                 if final_epochs is None:
                     m_epochs, m_rule = default_final_epochs(
-                        m, sp.epochs, len(tr), len(data.y_train), budget_s=budget_s
+                        m, sp.epochs, len(tr), len(data.y_train), budget_s=budget_s, speed=speed
                     )
                 else:
                     m_epochs, m_rule = final_epochs, "given on the command line (--final-epochs)"
@@ -569,6 +579,10 @@ def export_study(
                 )
                 _check_fitted(m, m_res)
                 fits.append((m, m_cfg, m_epochs, m_rule, m_seed, m_res))
+                spent += m_res.wall_time
+                estimate = estimated_epoch_seconds(m, len(tr), len(data.y_train))
+                if estimate:
+                    speed = m_res.wall_time / m_epochs / estimate
             _, _, final_epochs, rule, seed, res = fits[0]
             card["final_fit"] = True
             card["final_fit_note"] = (

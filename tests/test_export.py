@@ -137,6 +137,9 @@ def test_final_epochs_time_budget() -> None:
     assert n == 5 and "5 min budget" in why and "60 s per epoch" in why
     assert ex.default_final_epochs(t, 3, 10_000, 60_000, budget_s=3600)[0] == full
     assert ex.default_final_epochs(t, 3, 10_000, 60_000, budget_s=1)[0] == 1  # at least one
+    # Fits measured at half their estimate (an ensemble's earlier members): twice the epochs.
+    n, why = ex.default_final_epochs(t, 3, 10_000, 60_000, budget_s=5 * 60, speed=0.5)
+    assert n == 10 and "x 0.50, as measured on the fits before" in why
     # No speed recorded (an old study, a KerasTuner trial): the budget can't apply.
     bare = optuna.trial.create_trial(value=0.9, user_attrs={"best_epoch": 3})
     assert ex.estimated_epoch_seconds(bare, 10_000, 60_000) is None
