@@ -39,8 +39,8 @@ PUBLISHED = [
 def parse_args() -> Any:
     p = common.base_parser(__doc__.splitlines()[0])
     p.add_argument("--trials", type=int, default=None, help="search trials (full 50)")
-    p.add_argument("--ensemble", type=int, default=1,
-                   help="passed to the export step (default 1, the CLI's default)")
+    p.add_argument("--ensemble", type=int, default=None,
+                   help="passed to the export step (default: the CLI's own)")
     args = p.parse_args()
     if args.trials is None:
         args.trials = 3 if args.quick else 50
@@ -64,7 +64,7 @@ def commands(args: Any, root: Any) -> dict[str, list[str]]:
         steps["baselines"] = [*run, "baselines", *only, *where, *data, "--no-progress"]
     if "export" in PLUGINS:
         final = ["--final-epochs", "1"] if args.quick else []
-        if args.ensemble > 1:
+        if args.ensemble is not None:
             final += ["--ensemble", str(args.ensemble)]
         steps["export"] = [*run, "export", *final, *where, *data, "--no-progress"]
     return steps

@@ -264,7 +264,7 @@ def build_parser(command: str) -> argparse.ArgumentParser:
             f"(default {DEFAULT_RECYCLE}; one worker with at most {DEFAULT_RECYCLE} trials "
             "left runs them in this process; 0: always in this process, one worker only)",
         )
-        from .export import FINAL_FIT_MINUTES
+        from .export import DEFAULT_ENSEMBLE, FINAL_FIT_MINUTES
 
         g = p.add_argument_group("export of the best model (after the search)")
         g.add_argument(
@@ -300,10 +300,11 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         g.add_argument(
             "--ensemble",
             type=int_at_least(1),
-            default=1,
+            default=None,
             metavar="K",
             help="final fit of the best trial and the next best K-1 of other architectures, "
-            "exported as one model averaging them (default 1: the best trial alone)",
+            f"exported as one model averaging them (default {DEFAULT_ENSEMBLE}; 1 with "
+            "--no-final-fit)",
         )
         add_protocol_args(p)
         add_storage_args(p)
@@ -421,8 +422,11 @@ def cmd_search(args: argparse.Namespace) -> int:
         raise UsageError("--final-epochs and --no-final-fit exclude each other")
     if args.no_final_fit and args.augment:
         raise UsageError("--augment and --no-final-fit exclude each other")
-    if args.no_final_fit and args.ensemble > 1:
+    if args.no_final_fit and (args.ensemble or 1) > 1:
         raise UsageError("--ensemble and --no-final-fit exclude each other")
+    from .export import resolve_ensemble
+
+    args.ensemble = resolve_ensemble(args.ensemble, single=args.no_final_fit)
     if args.recycle_after == 0 and (args.workers or 1) > 1:
         raise UsageError("--recycle-after 0 (trials in this process) needs --workers 1")
     if args.engine == "keras-tuner":

@@ -190,7 +190,7 @@ def test_overhead_memory_workers_and_headline_render(docs: Path) -> None:
 
 
 def test_headline_quick_commands_are_small() -> None:
-    args = type("A", (), {"quick": True, "trials": 3, "data_dir": None, "ensemble": 1})()
+    args = type("A", (), {"quick": True, "trials": 3, "data_dir": None, "ensemble": None})()
     steps = headline.commands(args, Path("/tmp/x"))
     assert list(steps) == ["search", "baselines", "export"]
     assert "--train-subset" in steps["search"] and "--only" in steps["baselines"]
