@@ -288,8 +288,8 @@ def build_parser(command: str) -> argparse.ArgumentParser:
             "--final-minutes",
             type=positive_float,
             default=FINAL_FIT_MINUTES,
-            help="time budget of the default final epochs, at the best trial's measured "
-            f"speed, shared by --ensemble members (default: {FINAL_FIT_MINUTES:g})",
+            help="time budget of the default final epochs, at the speed measured just "
+            f"before each fit, shared by --ensemble members (default: {FINAL_FIT_MINUTES:g})",
         )
         g.add_argument(
             "--augment",

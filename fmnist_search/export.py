@@ -55,8 +55,8 @@ SCALE_CAP = 3.0
 STILL_IMPROVING_FACTOR = 2.0
 # So at most 6x the trial's epochs: 18 with the defaults (the cap was 12 until run 4's
 # winner gained 0.2 points of test accuracy from 12 to 24 epochs).
-# And at most the epochs that fit this budget (--final-minutes) at the trial's own speed:
-# a slow winner must not turn an hour-long default run into three.
+# And at most the epochs that fit this budget (--final-minutes) at the speed measured on a
+# few batches just before the fit: a slow winner must not turn an hour-long run into three.
 FINAL_FIT_MINUTES = 30.0
 # Models the final fit averages unless told otherwise (--ensemble): the best trial and the
 # next best two of other architectures. Run 6: 0.9257 for the three in 24 min against 0.9209
@@ -254,14 +254,13 @@ def default_final_epochs(
     trial_train_size: int,
     full_train_size: int,
     budget_s: float | None = None,
-    speed: float = 1.0,
+    epoch_s: float | None = None,
 ) -> tuple[int, str]:
     """Epochs for the final fit on all training images, and the rule applied, in words.
 
     peak x min(full / trial's training images, SCALE_CAP), x STILL_IMPROVING_FACTOR when
-    the peak is the last epoch, rounded up, and at most what fits `budget_s` at the trial's
-    measured speed (when it was measured) times `speed`: final fits measured so far took
-    this share of their estimated time (1: none measured yet).
+    the peak is the last epoch, rounded up, and at most what fits `budget_s` at `epoch_s`
+    seconds per epoch (`training.measure_epoch_seconds`), else at the trial's own speed.
     """
     peak = _peak_epoch(trial, trial_epochs)
     scale = min(full_train_size / max(1, trial_train_size), SCALE_CAP)
@@ -275,14 +274,15 @@ def default_final_epochs(
         why += f", x{STILL_IMPROVING_FACTOR} (still improving at its last epoch) = {value:.2f}"
     n = max(1, math.ceil(value - 1e-9))
     why += f", rounded up: {n}"
-    epoch_s = estimated_epoch_seconds(trial, trial_train_size, full_train_size)
+    source = "measured on a few batches before the fit"
+    if epoch_s is None:
+        epoch_s = estimated_epoch_seconds(trial, trial_train_size, full_train_size)
+        source = "the trial's speed"
     if budget_s is not None and epoch_s:
-        epoch_s *= speed
         fits = max(1, int(budget_s // epoch_s))
         if fits < n:
             n = fits
-            measured = "" if speed == 1.0 else f" x {speed:.2f}, as measured on the fits before"
-            why += (f"; {fits} at about {epoch_s:.0f} s per epoch (the trial's speed{measured}) "
+            why += (f"; {fits} at about {epoch_s:.0f} s per epoch ({source}) "
                     f"fit the {budget_s / 60:.3g} min budget of the final fit")
     return n, why
 
@@ -542,7 +542,7 @@ def export_study(
     from searchspace.config import CnnConfig, InvalidConfigError
 
     from .objective import make_folds
-    from .training import SHIFT_PIXELS, DivergedError
+    from .training import SHIFT_PIXELS, DivergedError, measure_epoch_seconds
 
     trial = pick_trial(study, trial_number)
     protocol = stored_protocol(study)
@@ -565,8 +565,8 @@ def export_study(
     try:
         if final_fit:
             # The budget is the whole final fit's: each member gets an equal share of what is
-            # left, at the speed the members before it really trained (estimates err long).
-            spent, speed = 0.0, 1.0
+            # left, at its speed measured on a few batches just before its fit.
+            spent = 0.0
             for i, m in enumerate(members):
                 current = m
                 budget_s = (
@@ -579,8 +579,14 @@ def export_study(
                 )
                 m_seed = sp.seed * 100_003 + m.number if given_seed is None else given_seed
                 if final_epochs is None:
+                    probe_start = time.perf_counter()
+                    epoch_s = None if budget_s is None else measure_epoch_seconds(
+                        m_cfg, data.x_train, data.y_train, num_classes=data.num_classes
+                    )
+                    spent += time.perf_counter() - probe_start
                     m_epochs, m_rule = default_final_epochs(
-                        m, sp.epochs, len(tr), len(data.y_train), budget_s=budget_s, speed=speed
+                        m, sp.epochs, len(tr), len(data.y_train), budget_s=budget_s,
+                        epoch_s=epoch_s,
                     )
                 else:
                     m_epochs, m_rule = final_epochs, "given on the command line (--final-epochs)"
@@ -592,9 +598,6 @@ def export_study(
                 _check_fitted(m, m_res)
                 fits.append((m, m_cfg, m_epochs, m_rule, m_seed, m_res))
                 spent += m_res.wall_time
-                estimate = estimated_epoch_seconds(m, len(tr), len(data.y_train))
-                if estimate:
-                    speed = m_res.wall_time / m_epochs / estimate
             _, _, final_epochs, rule, seed, res = fits[0]
             card["final_fit"] = True
             card["final_fit_note"] = (
@@ -952,8 +955,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                    help="retrain with the trial's own split and epochs instead of all "
                    "training images")
     p.add_argument("--final-minutes", type=positive_float, default=FINAL_FIT_MINUTES,
-                   help="time budget of the default final epochs, at the trial's measured "
-                   f"speed, shared by --ensemble members (default {FINAL_FIT_MINUTES:g})")
+                   help="time budget of the default final epochs, at the speed measured just "
+                   f"before each fit, shared by --ensemble members (default {FINAL_FIT_MINUTES:g})")
     p.add_argument("--augment", action="store_true",
                    help="flip and shift the training images at random each epoch of the final "
                    "fit (off by default: it lost 1.3 points at 24 epochs, see README)")

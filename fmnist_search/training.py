@@ -105,6 +105,34 @@ def augmented_batches(
     )
 
 
+PROBE_BATCHES = 24  # timed training steps of the speed probe (after two warm-up steps)
+
+
+def measure_epoch_seconds(
+    cfg: CnnConfig, x: np.ndarray, y: np.ndarray, *, num_classes: int = 10,
+    batches: int = PROBE_BATCHES,
+) -> float:
+    """Seconds one epoch over `x` takes on this machine now, timed on a few real batches.
+
+    A throwaway model is built and trained for 2 warm-up steps (which trace the train
+    function), then `batches` timed steps; the result scales by the epoch's batch count.
+    Costs a few seconds; the trial's own wall time is a poorer guide (it includes
+    validation and often ran beside another worker: 2.2x long on run 6's winner).
+    """
+    model = build_cnn(cfg, num_classes=num_classes, input_shape=tuple(x.shape[1:]))
+    bs = cfg.batch_size
+    n = min(len(x), bs * (batches + 2))
+    model.fit(x[: 2 * bs], y[: 2 * bs], batch_size=bs, epochs=1, verbose=0)  # traces
+    timed = max(1, min(batches, (n - 2 * bs) // bs)) * bs
+    xs, ys = x[2 * bs : 2 * bs + timed], y[2 * bs : 2 * bs + timed]
+    if len(xs) < bs:  # tiny data: time the warm-up slice again
+        xs, ys = x[: 2 * bs], y[: 2 * bs]
+    start = time.perf_counter()
+    model.fit(xs, ys, batch_size=bs, epochs=1, verbose=0)
+    per_batch = (time.perf_counter() - start) / max(1, math.ceil(len(xs) / bs))
+    return per_batch * math.ceil(len(x) / bs)
+
+
 def fit_config(
     cfg: CnnConfig,
     x_train: np.ndarray,

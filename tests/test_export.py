@@ -137,13 +137,66 @@ def test_final_epochs_time_budget() -> None:
     assert n == 5 and "5 min budget" in why and "60 s per epoch" in why
     assert ex.default_final_epochs(t, 3, 10_000, 60_000, budget_s=3600)[0] == full
     assert ex.default_final_epochs(t, 3, 10_000, 60_000, budget_s=1)[0] == 1  # at least one
-    # Fits measured at half their estimate (an ensemble's earlier members): twice the epochs.
-    n, why = ex.default_final_epochs(t, 3, 10_000, 60_000, budget_s=5 * 60, speed=0.5)
-    assert n == 10 and "x 0.50, as measured on the fits before" in why
+    # A speed measured before the fit (30 s per epoch) replaces the trial's estimate.
+    n, why = ex.default_final_epochs(t, 3, 10_000, 60_000, budget_s=5 * 60, epoch_s=30.0)
+    assert n == 10 and "30 s per epoch (measured on a few batches before the fit)" in why
     # No speed recorded (an old study, a KerasTuner trial): the budget can't apply.
     bare = optuna.trial.create_trial(value=0.9, user_attrs={"best_epoch": 3})
     assert ex.estimated_epoch_seconds(bare, 10_000, 60_000) is None
     assert ex.default_final_epochs(bare, 3, 10_000, 60_000, budget_s=60)[0] == full
+
+
+def test_speed_probe_scales_timed_batches_to_an_epoch(monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from fmnist_search import training
+    from searchspace import CnnConfig, ConvBlock, ConvLayer
+
+    cfg = CnnConfig(blocks=(ConvBlock(convs=(ConvLayer(4, 3),), pool="max"),), batch_size=32)
+    rng = np.random.default_rng(0)
+    x = rng.random((960, 28, 28, 1), dtype=np.float32)
+    y = rng.integers(0, 10, 960)
+    # A clock that advances 1 s per reading: the 24 timed batches took 1 s in all.
+    ticks = iter(range(100))
+    monkeypatch.setattr(training, "time", SimpleNamespace(perf_counter=lambda: next(ticks)))
+    assert training.measure_epoch_seconds(cfg, x, y) == pytest.approx(30 / 24)  # 30 batches
+    monkeypatch.undo()
+    real = training.measure_epoch_seconds(cfg, x[:40], y[:40])  # fewer images than 2 batches
+    assert 0 < real < 60
+
+
+def test_final_fit_budget_uses_the_probe_and_keeps_the_seeded_weights(
+    searched: tuple[Path, Any], tiny_dataset: Dataset, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _, study = searched
+    from fmnist_search import training
+
+    probed: list[Any] = []
+    real_probe = training.measure_epoch_seconds
+
+    def probe(*a: Any, **k: Any) -> float:
+        probed.append(a[0])
+        return real_probe(*a, **k)
+
+    monkeypatch.setattr(training, "measure_epoch_seconds", probe)  # export imports it per call
+    big = ex.export_study(study, tiny_dataset, tmp_path / "a", final_minutes=60.0,
+                          ensemble=1, command_line=["test"])
+    assert len(probed) == 1
+    none = ex.export_study(study, tiny_dataset, tmp_path / "b", final_minutes=None,
+                           ensemble=1, command_line=["test"])
+    assert len(probed) == 1  # no budget, no probe
+    cards = [json.loads((d / "model_card.json").read_text()) for d in (big, none)]
+    assert cards[0]["final_epochs"] == cards[1]["final_epochs"]
+    # The probe's throwaway model leaves the seeded fit as it was: the same test predictions.
+    assert cards[0]["test_accuracy"] == cards[1]["test_accuracy"]
+    assert cards[0]["confusion_matrix"] == cards[1]["confusion_matrix"]
+    # A budget too small for the rule's epochs: cut to one, and the card says why.
+    tiny = ex.export_study(study, tiny_dataset, tmp_path / "c", final_minutes=1e-6,
+                           ensemble=1, command_line=["test"])
+    card = json.loads((tiny / "model_card.json").read_text())
+    assert card["final_epochs"] == 1
+    assert "measured on a few batches before the fit" in card["final_epochs_rule"]
 
 
 def test_export_round_trip(exported: tuple[Path, Any, Any], tiny_dataset: Dataset,
