@@ -105,10 +105,14 @@ def main() -> int:
             "protocol": study.user_attrs.get("protocol", {}) if study else {},
         },
         "model": None if card is None else {
-            k: card.get(k) for k in ("trial", "architecture", "params", "test_accuracy",
-                                     "val_accuracy", "final_epochs", "train_images",
-                                     "train_time_s", "macro_avg")
-        },
+            k: card.get(k) for k in ("trial", "architecture", "searched_architecture",
+                                     "params", "test_accuracy", "val_accuracy", "final_epochs",
+                                     "train_images", "train_time_s", "macro_avg")
+        } | {"ensemble": [
+            {k: m.get(k) for k in ("trial", "architecture", "searched_architecture", "params",
+                                   "final_epochs", "train_time_s", "test_accuracy")}
+            for m in card.get("ensemble") or []
+        ]},
         "baselines": None if card is None else card.get("baselines"),
     }
     common.publish(NAME, args.quick, result, env, render, no_doc=args.no_doc)
@@ -125,9 +129,12 @@ def render(r: dict[str, Any]) -> str:
     step_rows = [[k, f"`{v['command']}`", common.secs(v["wall_s"]), v["exit_code"]]
                  for k, v in steps.items()]
     rows = []
+    members = (model or {}).get("ensemble") or []
     if model:
+        searched = (f"; searched as `{model['searched_architecture']}`, trained scaled up"
+                    if model.get("searched_architecture") else "")
         rows.append([f"**ours**: `{model['architecture']}` ({model['params']:,} parameters), "
-                     f"trial {model['trial']}", f"**{model['test_accuracy']:.4f}**",
+                     f"trial {model['trial']}{searched}", f"**{model['test_accuracy']:.4f}**",
                      f"{model['val_accuracy']:.4f}", common.secs(to_model)])
     for b in (r.get("baselines") or {}).get("models", []):
         remeasured = b.get("remeasured_val_accuracy")
@@ -139,15 +146,20 @@ def render(r: dict[str, Any]) -> str:
                      common.acc(remeasured), "—"])
     for label, value, secs in PUBLISHED:
         rows.append([label, value, "—", common.secs(secs) if secs else "—"])
+    member_rows = [[m["trial"], f"`{m['architecture']}`", f"{m['params']:,}", m["final_epochs"],
+                    common.secs(m["train_time_s"]), f"{m['test_accuracy']:.4f}"]
+                   for m in members]
     if model:
-        acc, hours = model["test_accuracy"], to_model / 3600
+        # The whole default command's time: search, baselines and export.
+        acc, hours = model["test_accuracy"], total / 3600
         met = acc >= TARGET_ACC and hours <= TARGET_HOURS * 1.1
         gap = []
         if acc < TARGET_ACC:
             gap.append(f"the test accuracy is {100 * (TARGET_ACC - acc):.2f} points short of "
                        f"{TARGET_ACC}")
         if hours > TARGET_HOURS * 1.1:
-            gap.append(f"search + export took {hours:.1f} h, not about {TARGET_HOURS:.0f} h")
+            gap.append(f"search, baselines and export took {hours:.1f} h, not about "
+                       f"{TARGET_HOURS:.0f} h")
         plain = ("It falls short: " + "; ".join(gap) + "." if gap else
                  f"It reaches {acc:.4f} in {hours:.2f} h.")
     else:
@@ -164,8 +176,11 @@ def render(r: dict[str, Any]) -> str:
         common.md_table(["step", "command", "wall time", "exit"], step_rows),
         common.md_table(["model", "test accuracy", "validation accuracy (this protocol)",
                          "time to the model"], rows),
+        *([f"The exported model averages {len(members)} models (`--ensemble`); each alone:",
+           common.md_table(["trial", "architecture as trained", "parameters", "epochs",
+                            "fit time", "test accuracy"], member_rows)] if member_rows else []),
         common.verdict(met, f"test accuracy >= {TARGET_ACC} within about "
-                       f"{TARGET_HOURS:.0f} hour (search + export)"),
+                       f"{TARGET_HOURS:.0f} hour (search, baselines and export)"),
         plain,
         "Baselines' documented numbers come from their documents' own protocols (often the "
         "test set, other epochs): for reference only. Their re-measured column is the "

@@ -298,6 +298,12 @@ def build_parser(command: str) -> argparse.ArgumentParser:
             "(off by default, see README)",
         )
         g.add_argument(
+            "--no-scale-up",
+            action="store_true",
+            help="train the final fit's architectures as searched (default: as wide and deep "
+            "as the space allows, unless the study limits size or latency; see README)",
+        )
+        g.add_argument(
             "--ensemble",
             type=int_at_least(1),
             default=None,
@@ -707,6 +713,7 @@ def _export_best(args: argparse.Namespace, study: Any, data: Any, console: Any) 
                 command_line=sys.argv,
                 progress=progress,
                 ensemble=args.ensemble,
+                scale_up=not args.no_scale_up,
             )
     except ExportError as e:
         err(str(e))
@@ -714,6 +721,11 @@ def _export_best(args: argparse.Namespace, study: Any, data: Any, console: Any) 
     import json
 
     card = json.loads((out_dir / "model_card.json").read_text(encoding="utf-8"))
+    if (card.get("scale_up") or {}).get("applied"):
+        console.print(
+            f"trained scaled up (--no-scale-up: as searched): {card['architecture']}",
+            highlight=False, markup=False,
+        )
     if card.get("ensemble"):
         console.print(
             "ensemble members: "

@@ -22,7 +22,7 @@ import shutil
 import sys
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -57,11 +57,13 @@ STILL_IMPROVING_FACTOR = 2.0
 # winner gained 0.2 points of test accuracy from 12 to 24 epochs).
 # And at most the epochs that fit this budget (--final-minutes) at the speed measured on a
 # few batches just before the fit: a slow winner must not turn an hour-long run into three.
-FINAL_FIT_MINUTES = 30.0
+# 40 min: with the 15-min search, the default run stays within about an hour, and scaled-up
+# models need the time (run 6's trial 46 scaled: 112 s per epoch, 0.9347 after 12 epochs).
+FINAL_FIT_MINUTES = 40.0
 # Models the final fit averages unless told otherwise (--ensemble): the best trial and the
-# next best two of other architectures. Run 6: 0.9257 for the three in 24 min against 0.9209
-# for the best alone in 8 min, both inside the hour with the 15-min search (README).
-DEFAULT_ENSEMBLE = 3
+# next best of another architecture. Two, not three: scaled up, each needs about 20 min for
+# 8-10 epochs. (Unscaled, run 6's three scored 0.9257 together, 0.9209 the best alone.)
+DEFAULT_ENSEMBLE = 2
 
 
 def resolve_ensemble(given: int | None, *, single: bool) -> int:
@@ -154,17 +156,21 @@ def architecture_key(cfg: Any) -> str:
     return str(bare.to_json())
 
 
-def ensemble_members(study: optuna.Study, lead: FrozenTrial, k: int) -> list[FrozenTrial]:
+def ensemble_members(
+    study: optuna.Study, lead: FrozenTrial, k: int,
+    as_trained: Callable[[Any], Any] = lambda c: c,
+) -> list[FrozenTrial]:
     """`lead` and the next best trials, up to `k` in all, each of another architecture.
 
-    Walks the leaderboard and skips a trial whose `architecture_key` is already taken; when
-    the study has fewer distinct architectures than `k`, the best skipped ones fill up.
+    Walks the leaderboard and skips a trial whose `architecture_key` (of the config as the
+    final fit will train it: `as_trained`) is already taken; when the study has fewer
+    distinct architectures than `k`, the best skipped ones fill up.
     """
     from searchspace.config import CnnConfig
 
     def key(t: FrozenTrial) -> str | None:
         try:
-            return architecture_key(CnnConfig.from_json(t.user_attrs["config"]))
+            return architecture_key(as_trained(CnnConfig.from_json(t.user_attrs["config"])))
         except (KeyError, TypeError, ValueError):
             return None  # unusable config: never a member
 
@@ -512,6 +518,7 @@ def export_study(
     command_line: Sequence[str] | None = None,
     progress: ProgressSink | None = None,
     ensemble: int = 1,
+    scale_up: bool = True,
 ) -> Path:
     """Retrain a trial's architecture, test it once, and export it to `out_dir`.
 
@@ -532,6 +539,9 @@ def export_study(
         ensemble: Final fit only: also retrain the next best trials of other architectures
             (`ensemble_members`), `ensemble` models in all, and export one model that
             averages their softmax outputs. The time budget is shared among them.
+        scale_up: Final fit only: train each architecture as wide and deep as the study's
+            space allows (`searchspace.scaled_up`), unless the study limits size or latency
+            or optimises more than accuracy (`scale_up_applies`).
 
     Returns:
         `out_dir`.
@@ -539,6 +549,7 @@ def export_study(
     Raises:
         ExportError: One line: no suitable trial, other data, a bad config, or a failed write.
     """
+    from searchspace import scaled_up
     from searchspace.config import CnnConfig, InvalidConfigError
 
     from .objective import make_folds
@@ -558,7 +569,18 @@ def export_study(
     trial_seed = sp.seed * 100_003 + trial.number  # as fmnist_search.objective seeds the trial
     seed = trial_seed if seed is None else seed
     card: dict[str, Any] = {}
-    members = ensemble_members(study, trial, ensemble) if ensemble > 1 else [trial]
+    scale_why = scale_up_applies(protocol) if final_fit and scale_up else "--no-scale-up"
+    if not final_fit:
+        scale_why = "no final fit"
+    space = _stored_space(protocol) if scale_why is None else None
+
+    def as_trained(c: CnnConfig) -> CnnConfig:
+        return c if space is None else scaled_up(c, space)
+
+    members = (
+        ensemble_members(study, trial, ensemble, as_trained=as_trained)
+        if ensemble > 1 else [trial]
+    )
     _check_ensemble_size(members, protocol)
     current = trial  # the trial being fitted, for the error messages
     fits: list[tuple[FrozenTrial, Any, int, str, int, Any]] = []
@@ -574,9 +596,9 @@ def export_study(
                     if final_minutes is None
                     else max(0.0, 60 * final_minutes - spent) / (len(members) - i)
                 )
-                m_cfg = cfg if m.number == trial.number else CnnConfig.from_json(
+                m_cfg = as_trained(cfg if m.number == trial.number else CnnConfig.from_json(
                     m.user_attrs["config"]
-                )
+                ))
                 m_seed = sp.seed * 100_003 + m.number if given_seed is None else given_seed
                 if final_epochs is None:
                     probe_start = time.perf_counter()
@@ -598,8 +620,24 @@ def export_study(
                 _check_fitted(m, m_res)
                 fits.append((m, m_cfg, m_epochs, m_rule, m_seed, m_res))
                 spent += m_res.wall_time
-            _, _, final_epochs, rule, seed, res = fits[0]
+            _, trained_cfg, final_epochs, rule, seed, res = fits[0]
             card["final_fit"] = True
+            card["scale_up"] = (
+                {
+                    "applied": True,
+                    "note": "each architecture was trained as wide and as deep as the study's "
+                    "space allows (the most convolutions per block, the widest filter choice "
+                    "of each block); kernels, activation, BatchNorm, pooling, dropout, dense "
+                    "head and optimiser are the trial's. config is the model as trained, "
+                    "searched_config the trial's",
+                }
+                if space is not None
+                else {"applied": False, "note": f"not scaled up: {scale_why}"}
+            )
+            if space is not None:
+                card["searched_architecture"] = cfg.summary()
+                card["searched_config"] = cfg.to_dict()
+                cfg = trained_cfg
             card["final_fit_note"] = (
                 f"retrained from scratch on all {len(data.y_train)} training images for "
                 f"{final_epochs} epoch(s), the learning rate annealed from the trial's to 0 "
@@ -653,6 +691,8 @@ def export_study(
             {
                 "trial": m.number,
                 "architecture": m_cfg.summary(),
+                **({"searched_architecture": CnnConfig.from_json(m.user_attrs["config"]).summary()}
+                   if space is not None else {}),
                 "params": int(f.model.count_params()),
                 "val_accuracy": accuracy_of(m),
                 "final_epochs": m_epochs,
@@ -723,7 +763,32 @@ def export_study(
         t = by_number[member["trial"]]
         annotate_trial(study, t, "test_accuracy", member["test_accuracy"])
         annotate_trial(study, t, "test_final_fit", bool(card["final_fit"]))
+        annotate_trial(study, t, "test_scaled_up", space is not None)
     return path
+
+
+def scale_up_applies(protocol: dict[str, Any]) -> str | None:
+    """None when the final fit may scale architectures up, else why not, in words.
+
+    A study that optimises size or latency, or caps them, asked for small models: scaling
+    them up would undo what it searched for.
+    """
+    if (protocol.get("objectives") or ["accuracy"]) != ["accuracy"]:
+        return "the study optimises more than accuracy"
+    if protocol.get("max_params") is not None or protocol.get("max_latency_ms") is not None:
+        return "the study limits parameters or latency"
+    if not isinstance(protocol.get("space"), dict):
+        return "the study stores no search space"
+    return None
+
+
+def _stored_space(protocol: dict[str, Any]) -> Any:
+    from searchspace import SpaceError, space_from_dict
+
+    try:
+        return space_from_dict(protocol["space"])
+    except (SpaceError, KeyError, TypeError) as e:
+        raise ExportError(f"the study's stored search space is unusable ({e})") from None
 
 
 def _check_ensemble_size(members: Sequence[FrozenTrial], protocol: dict[str, Any]) -> None:
@@ -960,6 +1025,9 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--augment", action="store_true",
                    help="flip and shift the training images at random each epoch of the final "
                    "fit (off by default: it lost 1.3 points at 24 epochs, see README)")
+    p.add_argument("--no-scale-up", action="store_true",
+                   help="train the architectures as searched (default: as wide and deep as the "
+                   "study's space allows, unless it limits size or latency; see README)")
     p.add_argument("--ensemble", type=int_at_least(1), default=None, metavar="K",
                    help="final fit of the best (or --trial) and the next best K-1 trials of "
                    "other architectures, exported as one model averaging them (default "
@@ -1019,6 +1087,7 @@ def _command_line(args: argparse.Namespace) -> list[str]:
             line += [flag, str(value)]
     return (line + (["--no-final-fit"] if args.no_final_fit else [])
             + (["--augment"] if args.augment else [])
+            + (["--no-scale-up"] if args.no_scale_up else [])
             + (["--ensemble", str(given)] if (given := getattr(args, "ensemble_given", None))
                else []))
 
@@ -1078,6 +1147,7 @@ def run(args: argparse.Namespace) -> int:
                 final_fit=not args.no_final_fit, augment=args.augment,
                 final_minutes=args.final_minutes, seed=args.seed,
                 command_line=_command_line(args), progress=progress, ensemble=args.ensemble,
+                scale_up=not args.no_scale_up,
             )
     except ExportError as e:
         err(str(e))
@@ -1091,6 +1161,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"test accuracy {card['test_accuracy']:.4f} on {card['test_images']} test images "
           f"(search's val accuracy {card['val_accuracy']:.4f}); final fit: "
           + ("yes" if card["final_fit"] else "no") + f", {card['final_epochs']} epoch(s)")
+    if (card.get("scale_up") or {}).get("applied"):
+        print(f"scaled up from the searched {card['searched_architecture']} (--no-scale-up: "
+              "as searched)")
     for m in card.get("ensemble") or []:
         print(f"  member trial {m['trial']} ({m['architecture']}): test accuracy "
               f"{m['test_accuracy']:.4f}, {m['final_epochs']} epoch(s)")
@@ -1122,6 +1195,7 @@ def _run_pareto(args: argparse.Namespace, study: optuna.Study, data: Dataset, co
                     final_fit=not args.no_final_fit, augment=args.augment,
                     final_minutes=args.final_minutes, seed=args.seed,
                     command_line=_command_line(args), progress=progress,
+                    scale_up=False,  # each front point's size is what it was chosen for
                 )
         except ExportError as e:
             err(str(e))

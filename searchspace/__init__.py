@@ -9,7 +9,15 @@ from .config import (
     feature_map_sizes,
     validate,
 )
-from .space import FloatRange, IntRange, SearchSpace, SpaceError, load_space, space_from_dict
+from .space import (
+    FloatRange,
+    IntRange,
+    SearchSpace,
+    SpaceError,
+    load_space,
+    scaled_up,
+    space_from_dict,
+)
 from .suggest import suggest_config
 
 __all__ = [
@@ -24,6 +32,7 @@ __all__ = [
     "SpaceError",
     "feature_map_sizes",
     "load_space",
+    "scaled_up",
     "space_from_dict",
     "suggest_config",
     "validate",

@@ -501,3 +501,40 @@ def test_ensemble_needs_the_final_fit(
             code = e.code
         assert code == 2, argv
         assert "--ensemble" in _only_line(capsys.readouterr().err), argv
+
+
+def test_final_fit_scales_up_unless_told_or_limited(tiny_dataset: Dataset, tmp_path: Path) -> None:
+    from searchspace import CnnConfig, ConvBlock, ConvLayer, scaled_up
+    from fmnist_search.model import count_params
+
+    study = _open(tmp_path, "s", tiny_dataset)
+    searched = CnnConfig(blocks=(ConvBlock(convs=(ConvLayer(4, 3),), pool="max"),),
+                         batch_size=32)
+    _add_complete(study, searched, 0.5)
+    trained = scaled_up(searched, SPACE)
+    assert trained != searched  # 1 conv of 4 filters -> 2 of 8 in the tests' space
+    out = ex.export_study(study, tiny_dataset, tmp_path / "a", final_epochs=1,
+                          command_line=["test"])
+    card = json.loads((out / "model_card.json").read_text())
+    assert card["scale_up"]["applied"] is True
+    assert card["config"] == trained.to_dict() and card["architecture"] == trained.summary()
+    assert card["searched_config"] == searched.to_dict()
+    assert card["searched_architecture"] == searched.summary()
+    assert card["params"] == count_params(trained, 10)
+    ann = {t.number: t.user_attrs for t in st.trials_with_annotations(study)}[0]
+    assert ann["test_scaled_up"] is True
+
+    out = ex.export_study(study, tiny_dataset, tmp_path / "b", final_epochs=1,
+                          command_line=["test"], scale_up=False)
+    card = json.loads((out / "model_card.json").read_text())
+    assert card["scale_up"] == {"applied": False, "note": "not scaled up: --no-scale-up"}
+    assert card["config"] == searched.to_dict() and "searched_config" not in card
+
+    # A study that asked for small or fast models is not scaled up.
+    base = {"epochs": 3, "space": SPACE.to_dict()}
+    assert ex.scale_up_applies(base) is None
+    assert "more than accuracy" in str(ex.scale_up_applies({**base, "objectives": ["accuracy",
+                                                                                   "params"]}))
+    assert "limits" in str(ex.scale_up_applies({**base, "max_params": 10_000}))
+    assert "limits" in str(ex.scale_up_applies({**base, "max_latency_ms": 1.0}))
+    assert "no search space" in str(ex.scale_up_applies({"epochs": 3}))

@@ -158,3 +158,36 @@ def test_summary_is_one_line() -> None:
     cfg = CnnConfig(blocks=(ConvBlock(convs=(ConvLayer(32, 3, batch_norm=True),), dropout=0.25),))
     s = cfg.summary()
     assert "\n" not in s and "C32k3" in s and "BN" in s
+
+
+def test_scaled_up_takes_the_spaces_widest_and_deepest_blocks() -> None:
+    from dataclasses import replace
+
+    from searchspace import scaled_up
+
+    space = SearchSpace()  # 1-2 convs per block; filters 16/32, x2 per block
+    cell = ConvLayer(16, 5, activation="swish", batch_norm=True)
+    cfg = CnnConfig(
+        blocks=(ConvBlock(convs=(cell,), pool="avg", dropout=0.1),
+                ConvBlock(convs=(replace(cell, filters=32, kernel_size=3),), pool="avg")),
+        flatten_dropout=0.2, optimizer="rmsprop", learning_rate=0.003, batch_size=64,
+    )
+    big = scaled_up(cfg, space)
+    assert [[c.filters for c in b.convs] for b in big.blocks] == [[32, 32], [64, 64]]
+    # Only width and depth change: kernels, activation, BatchNorm, pooling, dropout, training.
+    assert [b.convs[0].kernel_size for b in big.blocks] == [5, 3]
+    assert all(c.activation == "swish" and c.batch_norm for b in big.blocks for c in b.convs)
+    assert [(b.pool, b.dropout) for b in big.blocks] == [("avg", 0.1), ("avg", 0.0)]
+    assert (big.flatten_dropout, big.optimizer, big.learning_rate, big.batch_size) == (
+        0.2, "rmsprop", 0.003, 64)
+    assert scaled_up(big, space) == big  # already at the top
+    # A user's space bounds the scale: one conv per block, 16 filters at most in block 0.
+    small = space_from_dict({"convs_per_block": [1, 1], "filters": [8, 16]})
+    assert [[c.filters for c in b.convs] for b in scaled_up(cfg, small).blocks] == [[16], [32]]
+    # Never narrower or shallower than the config was.
+    wide = replace(cfg, blocks=(replace(cfg.blocks[0], convs=(replace(cell, filters=48),) * 3),))
+    assert [[c.filters for c in b.convs] for b in scaled_up(wide, space).blocks] == [[48] * 3]
+    # Not a point of a space (a baseline's 'valid' convolutions, no conv at all): unchanged.
+    valid = replace(cfg, blocks=(ConvBlock(convs=(ConvLayer(8, 3, padding="valid"),)),))
+    assert scaled_up(valid, space) == valid
+    assert scaled_up(CnnConfig(), space) == CnnConfig()
