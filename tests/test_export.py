@@ -281,6 +281,16 @@ def test_export_cli_end_to_end_and_replace(
     assert "flipped left-right at random" in aug["final_fit_note"]
     assert aug["command_line"][-1] == "--augment"
 
+    # By default trained as searched; --scale-up is said in the card and its command line.
+    assert first["scale_up"]["applied"] is False and "searched_config" not in first
+    assert first["config"] == json.loads(study.trials[0].user_attrs["config"])
+    assert main([*base, "--final-epochs", "1", "--scale-up"]) == 0
+    capsys.readouterr()
+    big = json.loads((best / "model_card.json").read_text())
+    assert big["scale_up"]["applied"] is True
+    assert big["searched_config"] == json.loads(study.trials[0].user_attrs["config"])
+    assert big["command_line"][-1] == "--scale-up"
+
     # Again, with the trial's own protocol: the new export replaces the old one whole.
     assert main([*base, "--no-final-fit"]) == 0
     card = json.loads((best / "model_card.json").read_text())
@@ -503,7 +513,7 @@ def test_ensemble_needs_the_final_fit(
         assert "--ensemble" in _only_line(capsys.readouterr().err), argv
 
 
-def test_final_fit_scales_up_unless_told_or_limited(tiny_dataset: Dataset, tmp_path: Path) -> None:
+def test_final_fit_scales_up_when_asked_and_not_limited(tiny_dataset: Dataset, tmp_path: Path) -> None:
     from searchspace import CnnConfig, ConvBlock, ConvLayer, scaled_up
     from fmnist_search.model import count_params
 
@@ -514,7 +524,7 @@ def test_final_fit_scales_up_unless_told_or_limited(tiny_dataset: Dataset, tmp_p
     trained = scaled_up(searched, SPACE)
     assert trained != searched  # 1 conv of 4 filters -> 2 of 8 in the tests' space
     out = ex.export_study(study, tiny_dataset, tmp_path / "a", final_epochs=1,
-                          command_line=["test"])
+                          command_line=["test"], scale_up=True)
     card = json.loads((out / "model_card.json").read_text())
     assert card["scale_up"]["applied"] is True
     assert card["config"] == trained.to_dict() and card["architecture"] == trained.summary()
@@ -525,9 +535,9 @@ def test_final_fit_scales_up_unless_told_or_limited(tiny_dataset: Dataset, tmp_p
     assert ann["test_scaled_up"] is True
 
     out = ex.export_study(study, tiny_dataset, tmp_path / "b", final_epochs=1,
-                          command_line=["test"], scale_up=False)
+                          command_line=["test"])  # the default
     card = json.loads((out / "model_card.json").read_text())
-    assert card["scale_up"] == {"applied": False, "note": "not scaled up: --no-scale-up"}
+    assert card["scale_up"] == {"applied": False, "note": "not scaled up: not asked (--scale-up)"}
     assert card["config"] == searched.to_dict() and "searched_config" not in card
 
     # A study that asked for small or fast models is not scaled up.
