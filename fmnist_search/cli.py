@@ -298,10 +298,10 @@ def build_parser(command: str) -> argparse.ArgumentParser:
             "(off by default, see README)",
         )
         g.add_argument(
-            "--scale-up",
+            "--no-scale-up",
             action="store_true",
-            help="train the final fit's architectures as wide and deep as the space allows "
-            "(not for studies that limit size or latency; see README)",
+            help="train the final fit's architectures as searched (default: as wide and deep "
+            "as the space allows, unless the study limits size or latency; see README)",
         )
         g.add_argument(
             "--ensemble",
@@ -713,7 +713,7 @@ def _export_best(args: argparse.Namespace, study: Any, data: Any, console: Any) 
                 command_line=sys.argv,
                 progress=progress,
                 ensemble=args.ensemble,
-                scale_up=args.scale_up,
+                scale_up=not args.no_scale_up,
             )
     except ExportError as e:
         err(str(e))
@@ -723,7 +723,7 @@ def _export_best(args: argparse.Namespace, study: Any, data: Any, console: Any) 
     card = json.loads((out_dir / "model_card.json").read_text(encoding="utf-8"))
     if card.get("searched_architecture", card["architecture"]) != card["architecture"]:
         console.print(
-            f"trained scaled up (--scale-up): {card['architecture']}",
+            f"trained scaled up (--no-scale-up: as searched): {card['architecture']}",
             highlight=False, markup=False,
         )
     if card.get("ensemble"):

@@ -105,31 +105,44 @@ def augmented_batches(
     )
 
 
-PROBE_BATCHES = 24  # timed training steps of the speed probe (after two warm-up steps)
+PROBE_WARMUP, PROBE_BATCHES = 4, 40  # training steps of the speed probe: untimed, timed
+
+
+class _BatchClock(keras.callbacks.Callback):
+    """Records when each training batch ends."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ends: list[float] = []
+
+    def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        self.ends.append(time.perf_counter())
 
 
 def measure_epoch_seconds(
     cfg: CnnConfig, x: np.ndarray, y: np.ndarray, *, num_classes: int = 10,
-    batches: int = PROBE_BATCHES,
+    warmup: int = PROBE_WARMUP, batches: int = PROBE_BATCHES,
 ) -> float:
     """Seconds one epoch over `x` takes on this machine now, timed on a few real batches.
 
-    A throwaway model is built and trained for 2 warm-up steps (which trace the train
-    function), then `batches` timed steps; the result scales by the epoch's batch count.
-    Costs a few seconds; the trial's own wall time is a poorer guide (it includes
+    A throwaway model trains `warmup` + `batches` steps in one `fit`; the time between the
+    end of the last warm-up batch and the end of the last batch, per batch, scales by the
+    epoch's batch count. Timing inside the fit leaves out its start-up (tracing, the data
+    pipeline), which timing whole `fit` calls of a few batches counted: that erred 1.4x
+    long on a fast model. The trial's own wall time is a poorer guide still (it includes
     validation and often ran beside another worker: 2.2x long on run 6's winner).
     """
     model = build_cnn(cfg, num_classes=num_classes, input_shape=tuple(x.shape[1:]))
     bs = cfg.batch_size
-    n = min(len(x), bs * (batches + 2))
-    model.fit(x[: 2 * bs], y[: 2 * bs], batch_size=bs, epochs=1, verbose=0)  # traces
-    timed = max(1, min(batches, (n - 2 * bs) // bs)) * bs
-    xs, ys = x[2 * bs : 2 * bs + timed], y[2 * bs : 2 * bs + timed]
-    if len(xs) < bs:  # tiny data: time the warm-up slice again
-        xs, ys = x[: 2 * bs], y[: 2 * bs]
-    start = time.perf_counter()
-    model.fit(xs, ys, batch_size=bs, epochs=1, verbose=0)
-    per_batch = (time.perf_counter() - start) / max(1, math.ceil(len(xs) / bs))
+    n = min(len(x), bs * (warmup + batches))
+    warm = min(warmup, max(1, math.ceil(n / bs) - 1))  # tiny data: time what is left
+    clock = _BatchClock()
+    model.fit(x[:n], y[:n], batch_size=bs, epochs=1, verbose=0, shuffle=False,
+              callbacks=[clock])
+    timed = len(clock.ends) - warm
+    if timed < 1:  # a single batch: its time, start-up included
+        return (clock.ends[-1] - clock.ends[0]) or 1e-3
+    per_batch = (clock.ends[-1] - clock.ends[warm - 1]) / timed
     return per_batch * math.ceil(len(x) / bs)
 
 

@@ -156,10 +156,12 @@ def test_speed_probe_scales_timed_batches_to_an_epoch(monkeypatch: pytest.Monkey
     rng = np.random.default_rng(0)
     x = rng.random((960, 28, 28, 1), dtype=np.float32)
     y = rng.integers(0, 10, 960)
-    # A clock that advances 1 s per reading: the 24 timed batches took 1 s in all.
+    # A clock that advances 1 s per reading, read once per batch: 1 s per batch, 30 batches.
     ticks = iter(range(100))
     monkeypatch.setattr(training, "time", SimpleNamespace(perf_counter=lambda: next(ticks)))
-    assert training.measure_epoch_seconds(cfg, x, y) == pytest.approx(30 / 24)  # 30 batches
+    assert training.measure_epoch_seconds(cfg, x, y) == pytest.approx(30.0)
+    ticks = iter(range(0, 1000, 2))  # 2 s per batch; only the batches after the warm-up count
+    assert training.measure_epoch_seconds(cfg, x, y, warmup=10) == pytest.approx(60.0)
     monkeypatch.undo()
     real = training.measure_epoch_seconds(cfg, x[:40], y[:40])  # fewer images than 2 batches
     assert 0 < real < 60
@@ -281,15 +283,16 @@ def test_export_cli_end_to_end_and_replace(
     assert "flipped left-right at random" in aug["final_fit_note"]
     assert aug["command_line"][-1] == "--augment"
 
-    # By default trained as searched; --scale-up is said in the card and its command line.
-    assert first["scale_up"]["applied"] is False and "searched_config" not in first
-    assert first["config"] == json.loads(study.trials[0].user_attrs["config"])
-    assert main([*base, "--final-epochs", "1", "--scale-up"]) == 0
-    capsys.readouterr()
-    big = json.loads((best / "model_card.json").read_text())
-    assert big["scale_up"]["applied"] is True
-    assert big["searched_config"] == json.loads(study.trials[0].user_attrs["config"])
-    assert big["command_line"][-1] == "--scale-up"
+    # By default scaled up; --no-scale-up trains it as searched, said in the card and its
+    # command line.
+    assert first["scale_up"]["applied"] is True
+    assert first["searched_config"] == json.loads(study.trials[0].user_attrs["config"])
+    assert main([*base, "--final-epochs", "1", "--no-scale-up"]) == 0
+    assert "scaled up from" not in capsys.readouterr().out
+    kept = json.loads((best / "model_card.json").read_text())
+    assert kept["scale_up"]["applied"] is False and "searched_config" not in kept
+    assert kept["config"] == json.loads(study.trials[0].user_attrs["config"])
+    assert kept["command_line"][-1] == "--no-scale-up"
 
     # Again, with the trial's own protocol: the new export replaces the old one whole.
     assert main([*base, "--no-final-fit"]) == 0
@@ -513,7 +516,7 @@ def test_ensemble_needs_the_final_fit(
         assert "--ensemble" in _only_line(capsys.readouterr().err), argv
 
 
-def test_final_fit_scales_up_when_asked_and_not_limited(tiny_dataset: Dataset, tmp_path: Path) -> None:
+def test_final_fit_scales_up_unless_told_or_limited(tiny_dataset: Dataset, tmp_path: Path) -> None:
     from searchspace import CnnConfig, ConvBlock, ConvLayer, scaled_up
     from fmnist_search.model import count_params
 
@@ -524,7 +527,7 @@ def test_final_fit_scales_up_when_asked_and_not_limited(tiny_dataset: Dataset, t
     trained = scaled_up(searched, SPACE)
     assert trained != searched  # 1 conv of 4 filters -> 2 of 8 in the tests' space
     out = ex.export_study(study, tiny_dataset, tmp_path / "a", final_epochs=1,
-                          command_line=["test"], scale_up=True)
+                          command_line=["test"])  # the default
     card = json.loads((out / "model_card.json").read_text())
     assert card["scale_up"]["applied"] is True
     assert card["config"] == trained.to_dict() and card["architecture"] == trained.summary()
@@ -535,9 +538,9 @@ def test_final_fit_scales_up_when_asked_and_not_limited(tiny_dataset: Dataset, t
     assert ann["test_scaled_up"] is True
 
     out = ex.export_study(study, tiny_dataset, tmp_path / "b", final_epochs=1,
-                          command_line=["test"])  # the default
+                          command_line=["test"], scale_up=False)
     card = json.loads((out / "model_card.json").read_text())
-    assert card["scale_up"] == {"applied": False, "note": "not scaled up: not asked (--scale-up)"}
+    assert card["scale_up"] == {"applied": False, "note": "not scaled up: --no-scale-up"}
     assert card["config"] == searched.to_dict() and "searched_config" not in card
 
     # A study that asked for small or fast models is not scaled up.
