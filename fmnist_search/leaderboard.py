@@ -39,6 +39,7 @@ COLUMNS = [
     "train_time_s",
     "state",  # complete, pruned, fail, or "not run" (a documented baseline not measured yet)
     "test_accuracy",
+    "test_scaled_up",  # the test accuracy is the final fit's scaled-up model's (export)
     "beats",  # the best measured baseline this trial beats
     "margin_pts",  # by how many percentage points
     "pareto",  # no other complete row is at least as accurate and at least as small
@@ -89,6 +90,7 @@ def _row(t: FrozenTrial, kind: str, ident: int | str) -> dict[str, Any]:
         "train_time_s": ua.get("wall_time"),
         "state": t.state.name.lower(),
         "test_accuracy": ua.get("test_accuracy"),
+        "test_scaled_up": ua.get("test_scaled_up"),
         "latency_ms": ua.get("latency_ms_b1"),
         "feasible": is_feasible(t),
         "reason": reason,
@@ -335,7 +337,9 @@ def render_table(
         return s
 
     def test(r: pd.Series) -> str:
-        return f"{r['test_accuracy']:.4f}" if pd.notna(r["test_accuracy"]) else ""
+        if pd.isna(r["test_accuracy"]):
+            return ""
+        return f"{r['test_accuracy']:.4f}" + (" ↑" if r["test_scaled_up"] is True else "")
 
     def rank(r: pd.Series) -> str:
         return ("" if pd.isna(r["rank"]) else str(r["rank"])) + (" ★" if r["pareto"] else "")
@@ -386,6 +390,8 @@ def render_table(
     caption = unranked_summary(df) + ". ★ = Pareto front (accuracy vs parameters)."
     if bool(rows["documented_acc"].notna().any()):
         caption += " doc = the document's own accuracy under its own protocol: not comparable."
+    if bool((rows["test_scaled_up"] == True).any()):  # noqa: E712 (None/NaN where not set)
+        caption += " ↑ = test accuracy of the architecture scaled up by the final fit."
     table = Table(title=title, caption=caption, caption_justify="left")
     for header, _, _ in specs:
         fold = header in ("architecture", "trial", "beats baseline")

@@ -517,8 +517,8 @@ def test_ensemble_needs_the_final_fit(
 
 
 def test_final_fit_scales_up_unless_told_or_limited(tiny_dataset: Dataset, tmp_path: Path) -> None:
-    from searchspace import CnnConfig, ConvBlock, ConvLayer, scaled_up
     from fmnist_search.model import count_params
+    from searchspace import CnnConfig, ConvBlock, ConvLayer, scaled_up
 
     study = _open(tmp_path, "s", tiny_dataset)
     searched = CnnConfig(blocks=(ConvBlock(convs=(ConvLayer(4, 3),), pool="max"),),

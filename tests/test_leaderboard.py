@@ -81,6 +81,22 @@ def test_kfold_mean_and_std_are_separate_columns_and_test_accuracy_shown() -> No
     top = df.iloc[0]
     assert top["val_accuracy"] == 0.875 and top["val_std"] == 0.0125
     assert top["test_accuracy"] == 0.86 and pd.isna(df.iloc[1]["test_accuracy"])
+    assert "↑" not in _text(render_table(df, top=2, title="t"))
+
+
+def _text(table: Any) -> str:
+    console = Console(width=200, record=True)
+    with console.capture() as cap:
+        console.print(table)
+    return cap.get()
+
+
+def test_test_accuracy_of_a_scaled_up_final_fit_is_marked() -> None:
+    s = study_of(trial(0.875, test_accuracy=0.93, test_scaled_up=True), trial(0.85))
+    df = leaderboard(s.trials)
+    assert df.iloc[0]["test_scaled_up"] is True
+    out = _text(render_table(df, top=2, title="t"))
+    assert "0.9300 ↑" in out and "↑ = test accuracy of the architecture scaled up" in out
 
 
 def test_baselines_rank_with_trials_and_margins_name_the_best_beaten() -> None:
