@@ -721,7 +721,7 @@ def _export_best(args: argparse.Namespace, study: Any, data: Any, console: Any) 
     import json
 
     card = json.loads((out_dir / "model_card.json").read_text(encoding="utf-8"))
-    if card.get("searched_architecture", card["architecture"]) != card["architecture"]:
+    if (card.get("scale_up") or {}).get("applied"):
         console.print(
             f"trained scaled up (--no-scale-up: as searched): {card['architecture']}",
             highlight=False, markup=False,

@@ -520,6 +520,7 @@ def export_study(
     progress: ProgressSink | None = None,
     ensemble: int = 1,
     scale_up: bool = True,
+    no_scale_up_reason: str = "--no-scale-up",
 ) -> Path:
     """Retrain a trial's architecture, test it once, and export it to `out_dir`.
 
@@ -543,6 +544,7 @@ def export_study(
         scale_up: Final fit only: train each architecture as wide and deep as the study's
             space allows (`searchspace.scaled_up`), unless the study limits size or latency
             or optimises more than accuracy (`scale_up_applies`).
+        no_scale_up_reason: What the card says when `scale_up` is False.
 
     Returns:
         `out_dir`.
@@ -570,10 +572,12 @@ def export_study(
     trial_seed = sp.seed * 100_003 + trial.number  # as fmnist_search.objective seeds the trial
     seed = trial_seed if seed is None else seed
     card: dict[str, Any] = {}
-    scale_why = scale_up_applies(protocol) if final_fit and scale_up else "--no-scale-up"
+    scale_why = scale_up_applies(protocol) if final_fit and scale_up else no_scale_up_reason
     if not final_fit:
         scale_why = "no final fit"
-    space = _stored_space(protocol) if scale_why is None else None
+    space, bad_space = _stored_space(protocol) if scale_why is None else (None, None)
+    scale_why = scale_why or bad_space
+    scaled: dict[int, bool] = {}  # member -> did scale-up change its architecture
 
     def as_trained(c: CnnConfig) -> CnnConfig:
         return c if space is None else scaled_up(c, space)
@@ -597,14 +601,17 @@ def export_study(
                     if final_minutes is None
                     else max(0.0, 60 * final_minutes - spent) / (len(members) - i)
                 )
-                m_cfg = as_trained(cfg if m.number == trial.number else CnnConfig.from_json(
+                m_searched = cfg if m.number == trial.number else CnnConfig.from_json(
                     m.user_attrs["config"]
-                ))
+                )
+                m_cfg = as_trained(m_searched)
+                scaled[m.number] = m_cfg != m_searched
                 m_seed = sp.seed * 100_003 + m.number if given_seed is None else given_seed
                 if final_epochs is None:
                     probe_start = time.perf_counter()
                     epoch_s = None if budget_s is None else measure_epoch_seconds(
-                        m_cfg, data.x_train, data.y_train, num_classes=data.num_classes
+                        m_cfg, data.x_train, data.y_train, num_classes=data.num_classes,
+                        augment=augment,
                     )
                     spent += time.perf_counter() - probe_start
                     m_epochs, m_rule = default_final_epochs(
@@ -632,10 +639,11 @@ def export_study(
                     "head and optimiser are the trial's. config is the model as trained, "
                     "searched_config the trial's",
                 }
-                if space is not None
-                else {"applied": False, "note": f"not scaled up: {scale_why}"}
+                if any(scaled.values())
+                else {"applied": False, "note": f"not scaled up: {scale_why}" if scale_why
+                      else "the architectures were already as wide and deep as the space allows"}
             )
-            if space is not None:
+            if any(scaled.values()):
                 card["searched_architecture"] = cfg.summary()
                 card["searched_config"] = cfg.to_dict()
                 cfg = trained_cfg
@@ -646,7 +654,7 @@ def export_study(
                 + (", each epoch's images flipped left-right at random and shifted by up to "
                    f"{SHIFT_PIXELS} pixels" if augment else ", no augmentation")
                 + "; no validation data was held out, so val_accuracy is the "
-                "search's estimate for this architecture, not a measurement of this model"
+                "search's estimate for the searched architecture, not a measurement of this model"
             )
             card["augmentation"] = (
                 {"flip_left_right": True, "shift_pixels": SHIFT_PIXELS} if augment else None
@@ -692,8 +700,10 @@ def export_study(
             {
                 "trial": m.number,
                 "architecture": m_cfg.summary(),
-                **({"searched_architecture": CnnConfig.from_json(m.user_attrs["config"]).summary()}
-                   if space is not None else {}),
+                "scaled_up": scaled[m.number],
+                **({"searched_architecture": CnnConfig.from_json(m.user_attrs["config"]).summary(),
+                    "searched_config": json.loads(m.user_attrs["config"])}
+                   if scaled[m.number] else {}),
                 "params": int(f.model.count_params()),
                 "val_accuracy": accuracy_of(m),
                 "final_epochs": m_epochs,
@@ -764,7 +774,7 @@ def export_study(
         t = by_number[member["trial"]]
         annotate_trial(study, t, "test_accuracy", member["test_accuracy"])
         annotate_trial(study, t, "test_final_fit", bool(card["final_fit"]))
-        annotate_trial(study, t, "test_scaled_up", space is not None)
+        annotate_trial(study, t, "test_scaled_up", scaled.get(t.number, False))
     return path
 
 
@@ -783,13 +793,19 @@ def scale_up_applies(protocol: dict[str, Any]) -> str | None:
     return None
 
 
-def _stored_space(protocol: dict[str, Any]) -> Any:
-    from searchspace import SpaceError, space_from_dict
+def _stored_space(protocol: dict[str, Any]) -> tuple[Any, str | None]:
+    """The study's search space, or None and why it can't be used (then no scale-up)."""
+    from dataclasses import replace
 
+    from searchspace import SearchSpace, SpaceError, space_from_dict
+
+    stored = protocol["space"]
+    # Studies from before filter_growth existed gave every block the same filter choices.
+    base = SearchSpace() if "filter_growth" in stored else replace(SearchSpace(), filter_growth=1)
     try:
-        return space_from_dict(protocol["space"])
-    except (SpaceError, KeyError, TypeError) as e:
-        raise ExportError(f"the study's stored search space is unusable ({e})") from None
+        return space_from_dict(stored, base), None
+    except (SpaceError, TypeError) as e:
+        return None, f"the study's stored search space is unusable ({e})"
 
 
 def _check_ensemble_size(members: Sequence[FrozenTrial], protocol: dict[str, Any]) -> None:
@@ -1162,7 +1178,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"test accuracy {card['test_accuracy']:.4f} on {card['test_images']} test images "
           f"(search's val accuracy {card['val_accuracy']:.4f}); final fit: "
           + ("yes" if card["final_fit"] else "no") + f", {card['final_epochs']} epoch(s)")
-    if card.get("searched_architecture", card["architecture"]) != card["architecture"]:
+    if (card.get("scale_up") or {}).get("applied"):
         print(f"scaled up from the searched {card['searched_architecture']} (--no-scale-up: "
               "train it as searched)")
     for m in card.get("ensemble") or []:
@@ -1196,7 +1212,8 @@ def _run_pareto(args: argparse.Namespace, study: optuna.Study, data: Dataset, co
                     final_fit=not args.no_final_fit, augment=args.augment,
                     final_minutes=args.final_minutes, seed=args.seed,
                     command_line=_command_line(args), progress=progress,
-                    scale_up=False,  # each front point's size is what it was chosen for
+                    # Each front point's size is what it was chosen for.
+                    scale_up=False, no_scale_up_reason="export --pareto",
                 )
         except ExportError as e:
             err(str(e))

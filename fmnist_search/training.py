@@ -121,13 +121,14 @@ class _BatchClock(keras.callbacks.Callback):
 
 def measure_epoch_seconds(
     cfg: CnnConfig, x: np.ndarray, y: np.ndarray, *, num_classes: int = 10,
-    warmup: int = PROBE_WARMUP, batches: int = PROBE_BATCHES,
+    warmup: int = PROBE_WARMUP, batches: int = PROBE_BATCHES, augment: bool = False,
 ) -> float:
     """Seconds one epoch over `x` takes on this machine now, timed on a few real batches.
 
     A throwaway model trains `warmup` + `batches` steps in one `fit`; the time between the
     end of the last warm-up batch and the end of the last batch, per batch, scales by the
-    epoch's batch count. Timing inside the fit leaves out its start-up (tracing, the data
+    epoch's batch count; with `augment`, through the final fit's augmentation pipeline.
+    Timing inside the fit leaves out its start-up (tracing, the data
     pipeline), which timing whole `fit` calls of a few batches counted: that erred 1.4x
     long on a fast model. The trial's own wall time is a poorer guide still (it includes
     validation and often ran beside another worker: 2.2x long on run 6's winner).
@@ -137,11 +138,16 @@ def measure_epoch_seconds(
     n = min(len(x), bs * (warmup + batches))
     warm = min(warmup, max(1, math.ceil(n / bs) - 1))  # tiny data: time what is left
     clock = _BatchClock()
-    model.fit(x[:n], y[:n], batch_size=bs, epochs=1, verbose=0, shuffle=False,
-              callbacks=[clock])
+    inputs: dict[str, Any] = (
+        {"x": augmented_batches(x[:n], y[:n], bs, seed=0)}
+        if augment
+        else {"x": x[:n], "y": y[:n], "batch_size": bs}
+    )
+    start = time.perf_counter()
+    model.fit(**inputs, epochs=1, verbose=0, shuffle=False, callbacks=[clock])
     timed = len(clock.ends) - warm
     if timed < 1:  # a single batch: its time, start-up included
-        return (clock.ends[-1] - clock.ends[0]) or 1e-3
+        return clock.ends[-1] - start
     per_batch = (clock.ends[-1] - clock.ends[warm - 1]) / timed
     return per_batch * math.ceil(len(x) / bs)
 

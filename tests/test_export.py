@@ -165,6 +165,8 @@ def test_speed_probe_scales_timed_batches_to_an_epoch(monkeypatch: pytest.Monkey
     monkeypatch.undo()
     real = training.measure_epoch_seconds(cfg, x[:40], y[:40])  # fewer images than 2 batches
     assert 0 < real < 60
+    assert 0 < training.measure_epoch_seconds(cfg, x[:40], y[:40], augment=True) < 60
+    assert 0 < training.measure_epoch_seconds(cfg, x[:20], y[:20]) < 60  # a single batch
 
 
 def test_final_fit_budget_uses_the_probe_and_keeps_the_seeded_weights(
@@ -285,12 +287,13 @@ def test_export_cli_end_to_end_and_replace(
 
     # By default scaled up; --no-scale-up trains it as searched, said in the card and its
     # command line.
-    assert first["scale_up"]["applied"] is True
-    assert first["searched_config"] == json.loads(study.trials[0].user_attrs["config"])
+    # The trial is already as wide and deep as the tests' space allows: nothing to scale.
+    assert first["scale_up"]["applied"] is False and "searched_config" not in first
+    assert "already as wide and deep" in first["scale_up"]["note"]
     assert main([*base, "--final-epochs", "1", "--no-scale-up"]) == 0
     assert "scaled up from" not in capsys.readouterr().out
     kept = json.loads((best / "model_card.json").read_text())
-    assert kept["scale_up"]["applied"] is False and "searched_config" not in kept
+    assert kept["scale_up"] == {"applied": False, "note": "not scaled up: --no-scale-up"}
     assert kept["config"] == json.loads(study.trials[0].user_attrs["config"])
     assert kept["command_line"][-1] == "--no-scale-up"
 
@@ -542,6 +545,12 @@ def test_final_fit_scales_up_unless_told_or_limited(tiny_dataset: Dataset, tmp_p
     card = json.loads((out / "model_card.json").read_text())
     assert card["scale_up"] == {"applied": False, "note": "not scaled up: --no-scale-up"}
     assert card["config"] == searched.to_dict() and "searched_config" not in card
+
+    # A space stored before filter_growth existed had the same choices in every block.
+    old = {k: v for k, v in SPACE.to_dict().items() if k != "filter_growth"}
+    old_space, why = ex._stored_space({"space": old})
+    assert why is None and old_space.block_filters(2) == old_space.block_filters(0)
+    assert ex._stored_space({"space": {"filters": "wide"}})[0] is None
 
     # A study that asked for small or fast models is not scaled up.
     base = {"epochs": 3, "space": SPACE.to_dict()}
