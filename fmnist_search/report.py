@@ -433,11 +433,31 @@ def fig_model_card(
             "images (the search never saw them). Counts in the cells; colour = "
             "share of the true class.",
         )
+    sec.notes[1:1] = _trained_notes(card)
     out = [sec]
     least = card.get("least_confident")
     if isinstance(least, list) and least:
         out.append(_least_confident(least[:MAX_LEAST_CONFIDENT], names, card, study, data_dir))
     return out
+
+
+def _trained_notes(card: dict[str, Any]) -> list[str]:
+    """One line per model of the export: what was trained, for how long, and, when the final
+    fit scaled it up, what the search had found."""
+    members = card.get("ensemble") if isinstance(card.get("ensemble"), list) else [card]
+    lines = []
+    for m in members:
+        if not isinstance(m, dict) or not m.get("architecture"):
+            continue
+        line = f"Trial {m.get('trial', '?')} trained as {m['architecture']}"
+        if m.get("searched_architecture"):
+            line += f" (scaled up from the searched {m['searched_architecture']})"
+        if isinstance(m.get("final_epochs"), int):
+            line += f", {m['final_epochs']} epochs"
+        if m is not card and isinstance(m.get("test_accuracy"), (int, float)):
+            line += f", test accuracy alone {m['test_accuracy']:.4f}"
+        lines.append(line + ".")
+    return lines
 
 
 def _least_confident(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import html
 import json
 import random
 import re
@@ -134,7 +135,14 @@ def test_report_is_self_contained_with_every_figure(
     least = [
         {"index": i, "true": int(tiny_dataset.y_test[i]), "pred": 0, "prob": 0.3} for i in range(6)
     ]
-    write_card(results, tiny_dataset, least_confident=least)
+    members = [
+        {"trial": 3, "architecture": "[C32k3-C32k3 avg] F | adam lr0.001 b64",
+         "searched_architecture": "[C16k3 avg] F | adam lr0.001 b64", "final_epochs": 12,
+         "test_accuracy": 0.84},
+        {"trial": 5, "architecture": "[C32k5 max] F | sgd lr0.01 b32", "final_epochs": 9,
+         "test_accuracy": 0.83},
+    ]
+    write_card(results, tiny_dataset, least_confident=least, ensemble=members)
     assert report(results, "--data-dir", str(synthetic_dir)) == 0
     page = (results / "r" / "report.html").read_text()
     assert str(results / "r" / "report.html") in capsys.readouterr().out
@@ -159,6 +167,12 @@ def test_report_is_self_contained_with_every_figure(
         assert text in page, text
     for name in ("leaderboard.csv", "leaderboard.md", "leaderboard.json"):
         assert (results / "r" / name).exists()
+    # What each model of the export is, as trained, and what the search found when scaled up.
+    assert ("Trial 3 trained as [C32k3-C32k3 avg] F | adam lr0.001 b64 (scaled up from the "
+            "searched [C16k3 avg] F | adam lr0.001 b64), 12 epochs, test accuracy alone "
+            "0.8400.") in html.unescape(page)
+    assert ("Trial 5 trained as [C32k5 max] F | sgd lr0.01 b32, 9 epochs, test accuracy alone "
+            "0.8300.") in html.unescape(page)
 
 
 def test_report_with_few_trials_and_no_export_explains_what_is_missing(
