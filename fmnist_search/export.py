@@ -635,10 +635,9 @@ def export_study(
                     "applied": True,
                     "note": "each architecture was trained as wide and as deep as the study's "
                     "space allows (the most convolutions per block, the widest filter choice "
-                    "of each block, then blocks added up to the space's most, each a copy of "
-                    "the last with the smallest kernel); kernels, activation, BatchNorm, "
-                    "pooling, dropout, dense head and optimiser are the trial's. config is "
-                    "the model as trained, searched_config the trial's",
+                    "of each block); kernels, activation, BatchNorm, pooling, dropout, dense "
+                    "head and optimiser are the trial's. config is the model as trained, "
+                    "searched_config the trial's",
                 }
                 if any(scaled.values())
                 else {"applied": False, "note": f"not scaled up: {scale_why}" if scale_why

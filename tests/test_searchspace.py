@@ -173,25 +173,20 @@ def test_scaled_up_takes_the_spaces_widest_and_deepest_blocks() -> None:
         flatten_dropout=0.2, optimizer="rmsprop", learning_rate=0.003, batch_size=64,
     )
     big = scaled_up(cfg, space)
-    # Wider and deeper blocks, and a third block (the space allows 2-3) copying the last.
-    assert [[c.filters for c in b.convs] for b in big.blocks] == [[32, 32], [64, 64], [128, 128]]
-    # Only width and depth change: kernels, activation, BatchNorm, pooling, dropout, training;
-    # the added block takes the space's smallest kernel.
-    assert [b.convs[0].kernel_size for b in big.blocks] == [5, 3, 3]
+    assert [[c.filters for c in b.convs] for b in big.blocks] == [[32, 32], [64, 64]]
+    # Only width and depth change: kernels, activation, BatchNorm, pooling, dropout, training.
+    assert [b.convs[0].kernel_size for b in big.blocks] == [5, 3]
     assert all(c.activation == "swish" and c.batch_norm for b in big.blocks for c in b.convs)
-    assert [(b.pool, b.dropout) for b in big.blocks] == [("avg", 0.1), ("avg", 0.0), ("avg", 0.0)]
+    assert [(b.pool, b.dropout) for b in big.blocks] == [("avg", 0.1), ("avg", 0.0)]
     assert (big.flatten_dropout, big.optimizer, big.learning_rate, big.batch_size) == (
         0.2, "rmsprop", 0.003, 64)
     assert scaled_up(big, space) == big  # already at the top
     # A user's space bounds the scale: one conv per block, 16 filters at most in block 0.
-    small = space_from_dict({"n_blocks": [1, 2], "convs_per_block": [1, 1], "filters": [8, 16]})
+    small = space_from_dict({"convs_per_block": [1, 1], "filters": [8, 16]})
     assert [[c.filters for c in b.convs] for b in scaled_up(cfg, small).blocks] == [[16], [32]]
-    # Blocks are added only while the feature map lasts: 28 -> 14 -> 7 -> 3 -> 1, then none.
-    many = space_from_dict({"n_blocks": [2, 9]})
-    assert len(scaled_up(cfg, many).blocks) == 4
     # Never narrower or shallower than the config was.
     wide = replace(cfg, blocks=(replace(cfg.blocks[0], convs=(replace(cell, filters=48),) * 3),))
-    assert [[c.filters for c in b.convs] for b in scaled_up(wide, space).blocks][0] == [48] * 3
+    assert [[c.filters for c in b.convs] for b in scaled_up(wide, space).blocks] == [[48] * 3]
     # Not a point of a space (a baseline's 'valid' convolutions, no conv at all): unchanged.
     valid = replace(cfg, blocks=(ConvBlock(convs=(ConvLayer(8, 3, padding="valid"),)),))
     assert scaled_up(valid, space) == valid
