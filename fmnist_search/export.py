@@ -468,8 +468,12 @@ def _fit(
     number: int,
     progress: ProgressSink | None,
     augment: bool = False,
+    deadline_s: float | None = None,
 ) -> Any:
-    """fit_config with progress reporting; with validation data, keeps the best epoch's weights."""
+    """fit_config with progress reporting; with validation data, keeps the best epoch's weights.
+
+    Without validation data (the final fit), the learning rate follows a cosine to 0 and,
+    with `deadline_s`, the fit plans fewer epochs if they run too slow for it."""
     import keras
 
     from .training import fit_config
@@ -501,6 +505,7 @@ def _fit(
         # The final fit (no validation data) anneals the trial's learning rate to 0 with a
         # cosine: the usual last step of training, worth a few tenths of a point here.
         cosine_decay=x_val is None,
+        deadline_s=deadline_s,
         augment=augment,
     )
 
@@ -607,25 +612,36 @@ def export_study(
                 m_cfg = as_trained(m_searched)
                 scaled[m.number] = m_cfg != m_searched
                 m_seed = sp.seed * 100_003 + m.number if given_seed is None else given_seed
+                deadline_s = None  # the fit's own: its share, less the probe's time
                 if final_epochs is None:
                     probe_start = time.perf_counter()
                     epoch_s = None if budget_s is None else measure_epoch_seconds(
                         m_cfg, data.x_train, data.y_train, num_classes=data.num_classes,
                         augment=augment,
                     )
-                    spent += time.perf_counter() - probe_start
+                    probe_s = time.perf_counter() - probe_start
+                    spent += probe_s
                     m_epochs, m_rule = default_final_epochs(
                         m, sp.epochs, len(tr), len(data.y_train), budget_s=budget_s,
                         epoch_s=epoch_s,
                     )
+                    if budget_s is not None:
+                        deadline_s = max(0.0, budget_s - probe_s)
                 else:
                     m_epochs, m_rule = final_epochs, "given on the command line (--final-epochs)"
                 m_res = _fit(
                     m_cfg, data.x_train, data.y_train, None, None, epochs=m_epochs, seed=m_seed,
                     num_classes=data.num_classes, number=m.number, progress=progress,
-                    augment=augment,
+                    augment=augment, deadline_s=deadline_s,
                 )
                 _check_fitted(m, m_res)
+                if m_res.epochs_run < m_epochs:  # the deadline cut the plan during the fit
+                    m_rule += (
+                        f"; cut to {m_res.epochs_run} during the fit, whose epochs took "
+                        f"{m_res.wall_time / m_res.epochs_run:.0f} s each, to end within "
+                        f"its {budget_s / 60:.3g} min"
+                    )
+                    m_epochs = m_res.epochs_run
                 fits.append((m, m_cfg, m_epochs, m_rule, m_seed, m_res))
                 spent += m_res.wall_time
             _, trained_cfg, final_epochs, rule, seed, res = fits[0]

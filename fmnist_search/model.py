@@ -22,22 +22,17 @@ def _activation(name: str) -> keras.layers.Layer:
     return keras.layers.Activation(name)
 
 
-def make_optimizer(
-    cfg: CnnConfig, decay_steps: int | None = None
-) -> keras.optimizers.Optimizer:
+def make_optimizer(cfg: CnnConfig) -> keras.optimizers.Optimizer:
     """The optimiser the config names, with its learning rate (and momentum for SGD).
 
-    With `decay_steps`, the rate follows a cosine decay from the config's rate to 0 over
-    that many steps (the final fit's schedule).
+    The rate is a plain number, so a callback may set it at every step (the final fit's
+    cosine, `training.CosineWithinDeadline`).
     """
-    lr: float | keras.optimizers.schedules.LearningRateSchedule = cfg.learning_rate
-    if decay_steps:
-        lr = keras.optimizers.schedules.CosineDecay(cfg.learning_rate, decay_steps)
     if cfg.optimizer == "sgd":
-        return keras.optimizers.SGD(learning_rate=lr, momentum=cfg.momentum)
+        return keras.optimizers.SGD(learning_rate=cfg.learning_rate, momentum=cfg.momentum)
     if cfg.optimizer == "rmsprop":
-        return keras.optimizers.RMSprop(learning_rate=lr)
-    return keras.optimizers.Adam(learning_rate=lr)
+        return keras.optimizers.RMSprop(learning_rate=cfg.learning_rate)
+    return keras.optimizers.Adam(learning_rate=cfg.learning_rate)
 
 
 def build_cnn(

@@ -201,6 +201,14 @@ def test_final_fit_budget_uses_the_probe_and_keeps_the_seeded_weights(
     card = json.loads((tiny / "model_card.json").read_text())
     assert card["final_epochs"] == 1
     assert "measured on a few batches before the fit" in card["final_epochs_rule"]
+    # A probe far too optimistic plans the rule's epochs; the fit, slower than that, is cut
+    # to what its share allows, and the card says so.
+    monkeypatch.setattr(training, "measure_epoch_seconds", lambda *a, **k: 1e-9)
+    cut = ex.export_study(study, tiny_dataset, tmp_path / "d", final_minutes=1e-6,
+                          ensemble=1, command_line=["test"])
+    card = json.loads((cut / "model_card.json").read_text())
+    assert cards[0]["final_epochs"] > 1 and card["final_epochs"] == 1
+    assert "cut to 1 during the fit" in card["final_epochs_rule"]
 
 
 def test_export_round_trip(exported: tuple[Path, Any, Any], tiny_dataset: Dataset,

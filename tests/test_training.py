@@ -1,11 +1,22 @@
-"""The final fit's augmentation pipeline and its use in fit_config."""
+"""The final fit's augmentation pipeline, its learning-rate schedule and deadline, and
+their use in fit_config."""
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
+import keras
 import numpy as np
 import pytest
 
-from fmnist_search.training import SHIFT_PIXELS, augmented_batches, fit_config
+from fmnist_search.model import build_cnn
+from fmnist_search.training import (
+    SHIFT_PIXELS,
+    CosineWithinDeadline,
+    augmented_batches,
+    fit_config,
+)
 from searchspace import CnnConfig, ConvBlock, ConvLayer
 
 
@@ -59,3 +70,58 @@ def test_fit_config_trains_with_and_without_augmentation(augment: bool) -> None:
                      cosine_decay=True, keep_model=True)
     assert res.epochs_run == 2 and np.isfinite(res.history["loss"]).all()
     assert res.model is not None and res.model.predict(x[:2], verbose=0).shape == (2, 10)
+
+
+class _Rates(keras.callbacks.Callback):
+    """Records the learning rate each training step runs with."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rates: list[float] = []
+
+    def on_train_batch_begin(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        self.rates.append(float(self.model.optimizer.learning_rate.numpy()))
+
+
+def _fit_with(schedule: CosineWithinDeadline, epochs: int) -> tuple[list[float], int]:
+    rng = np.random.default_rng(0)
+    x = rng.random((64, 28, 28, 1), dtype=np.float32)
+    y = rng.integers(0, 10, 64).astype(np.int32)
+    model = build_cnn(CnnConfig(blocks=(ConvBlock(convs=(ConvLayer(4, 3),)),), batch_size=16))
+    rates = _Rates()
+    hist = model.fit(x, y, batch_size=16, epochs=epochs, verbose=0, callbacks=[schedule, rates])
+    return rates.rates, len(hist.history["loss"])
+
+
+def test_cosine_without_deadline_is_keras_cosine_decay() -> None:
+    rates, run = _fit_with(CosineWithinDeadline(0.01, epochs=3, steps=4), epochs=3)
+    decay = keras.optimizers.schedules.CosineDecay(0.01, 12)
+    assert run == 3
+    assert rates == pytest.approx([float(decay(s)) for s in range(12)], rel=1e-5)
+
+
+def test_slow_epochs_shorten_the_plan_and_the_rate_still_anneals() -> None:
+    # Every clock reading is 10 s later: each epoch "takes" 10 s against a 35 s deadline,
+    # so after the first epoch 2 more fit, not the 5 planned.
+    ticks = iter(range(0, 1000, 10))
+    schedule = CosineWithinDeadline(0.01, epochs=6, steps=4, deadline_s=35,
+                                    clock=lambda: next(ticks))
+    rates, run = _fit_with(schedule, epochs=6)
+    assert run == 3 and schedule.planned == 3 and schedule.cut_from == 6
+    old = keras.optimizers.schedules.CosineDecay(0.01, 24)
+    assert rates[:5] == pytest.approx([float(old(s)) for s in range(5)], rel=1e-5)
+    # From the cut on, a cosine from the rate reached to 0 over the 8 steps left: no jump.
+    assert rates[4:] == pytest.approx(
+        [rates[4] * 0.5 * (1 + math.cos(math.pi * k / 8)) for k in range(8)], rel=1e-5)
+    assert (np.diff(rates) < 0).all() and rates[-1] < 0.05 * 0.01
+
+
+def test_fit_config_with_a_spent_deadline_stops_after_one_epoch() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.random((64, 28, 28, 1), dtype=np.float32)
+    y = rng.integers(0, 10, 64).astype(np.int32)
+    cfg = CnnConfig(blocks=(ConvBlock(convs=(ConvLayer(4, 3),)),), batch_size=16)
+    res = fit_config(cfg, x, y, None, None, epochs=4, seed=0, cosine_decay=True, deadline_s=0.0)
+    assert res.epochs_run == 1
+    assert fit_config(cfg, x, y, None, None, epochs=2, seed=0, cosine_decay=True,
+                      deadline_s=3600.0).epochs_run == 2
