@@ -492,8 +492,9 @@ def _fit(
         if progress:
             acc = logs.get("val_accuracy", logs.get("accuracy", math.nan))
             progress.epoch_done(number, e + 1, acc)
-            if e + 1 < epochs:
-                progress.epoch_started(number, e + 2, epochs)
+            planned = int(logs.get("epochs_planned", epochs))  # fewer if the deadline cut
+            if e + 1 < planned:
+                progress.epoch_started(number, e + 2, planned)
 
     if progress:
         progress.trial_started(number, cfg)
@@ -621,12 +622,13 @@ def export_study(
                     )
                     probe_s = time.perf_counter() - probe_start
                     spent += probe_s
-                    m_epochs, m_rule = default_final_epochs(
-                        m, sp.epochs, len(tr), len(data.y_train), budget_s=budget_s,
-                        epoch_s=epoch_s,
-                    )
                     if budget_s is not None:
                         deadline_s = max(0.0, budget_s - probe_s)
+                    # Planned against what the fit itself has: the share less the probe.
+                    m_epochs, m_rule = default_final_epochs(
+                        m, sp.epochs, len(tr), len(data.y_train), budget_s=deadline_s,
+                        epoch_s=epoch_s,
+                    )
                 else:
                     m_epochs, m_rule = final_epochs, "given on the command line (--final-epochs)"
                 m_res = _fit(
@@ -635,11 +637,11 @@ def export_study(
                     augment=augment, deadline_s=deadline_s,
                 )
                 _check_fitted(m, m_res)
-                if m_res.epochs_run < m_epochs:  # the deadline cut the plan during the fit
+                if deadline_s is not None and m_res.epochs_run < m_epochs:  # cut in the fit
                     m_rule += (
                         f"; cut to {m_res.epochs_run} during the fit, whose epochs took "
                         f"{m_res.wall_time / m_res.epochs_run:.0f} s each, to end within "
-                        f"its {budget_s / 60:.3g} min"
+                        f"its {deadline_s / 60:.3g} min"
                     )
                     m_epochs = m_res.epochs_run
                 fits.append((m, m_cfg, m_epochs, m_rule, m_seed, m_res))

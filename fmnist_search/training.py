@@ -39,11 +39,15 @@ class FitResult:
 class _Hooks(keras.callbacks.Callback):
     """Stops at the first non-finite loss and forwards batch/epoch progress."""
 
-    def __init__(self, on_epoch: EpochHook | None, on_batch: BatchHook | None, steps: int):
+    def __init__(
+        self, on_epoch: EpochHook | None, on_batch: BatchHook | None, steps: int,
+        schedule: CosineWithinDeadline | None = None,
+    ):
         super().__init__()
         self._on_epoch = on_epoch
         self._on_batch = on_batch
         self._steps = steps
+        self._schedule = schedule
         self._epoch = 0
 
     def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
@@ -60,19 +64,23 @@ class _Hooks(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         if self._on_epoch is not None:
-            self._on_epoch(epoch, {k: float(v) for k, v in (logs or {}).items()})
+            out = {k: float(v) for k, v in (logs or {}).items()}
+            if self._schedule is not None:  # the plan may have just been cut
+                out["epochs_planned"] = float(self._schedule.planned)
+            self._on_epoch(epoch, out)
 
 
 class CosineWithinDeadline(keras.callbacks.Callback):
     """Anneals the learning rate from `base_lr` to 0 with a cosine over the planned epochs,
-    and, when the epochs run slower than planned, plans fewer so the fit ends within
+    and, when the steps run slower than planned, plans fewer epochs so the fit ends within
     `deadline_s` seconds of its start.
 
-    After each epoch the epochs that still fit, at the mean epoch time so far, cap the plan;
-    on a cut the rate decays from where it is to 0 over the steps left (no jump), and the
-    fit stops at the new last epoch. Without a deadline it is Keras' `CosineDecay` (alpha
-    0) over `epochs * steps` steps. Why a guard: the speed probe before the fit timed run 8's
-    second model at 92 s per epoch; it trained at 138 s, 50% over its share.
+    After each epoch the epochs that still fit, at the mean step time since the first step
+    ended (the first holds the fit's start-up, as the speed probe leaves it out too), cap
+    the plan; on a cut the rate decays from where it is to 0 over the steps left (no jump),
+    and the fit stops at the new last epoch. Without a deadline it is Keras' `CosineDecay`
+    (alpha 0) over `epochs * steps` steps. Why a guard: the speed probe before the fit timed
+    run 8's second model at 92 s per epoch; it trained at 138 s, 50% over its share.
     """
 
     def __init__(
@@ -85,7 +93,7 @@ class CosineWithinDeadline(keras.callbacks.Callback):
         self._steps, self._deadline, self._clock = steps, deadline_s, clock
         self._from_step, self._from_lr, self._to_step = 0, base_lr, epochs * steps
         self._step = 0
-        self._start = 0.0
+        self._start = self._first_step_end = 0.0
 
     def rate(self, step: int) -> float:
         """The learning rate of training step `step` (0-based) under the current plan."""
@@ -101,12 +109,16 @@ class CosineWithinDeadline(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         self._step += 1
+        if self._step == 1 and self._deadline is not None:
+            self._first_step_end = self._clock()
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         done = epoch + 1
         if self._deadline is not None and done < self.planned:
-            elapsed = self._clock() - self._start
-            fits = done + int(max(0.0, self._deadline - elapsed) // (elapsed / done))
+            now = self._clock()
+            per_step = (now - self._first_step_end) / max(1, self._step - 1)
+            left = max(0.0, self._deadline - (now - self._start))
+            fits = done + (int(left / per_step) // self._steps if per_step > 0 else self.planned)
             if fits < self.planned:
                 self.cut_from = self.cut_from or self.planned
                 self.planned = fits
@@ -226,7 +238,8 @@ def fit_config(
     """Build `cfg` with weights seeded by `seed`, train it, and return its history.
 
     `on_epoch(epoch0, logs)` runs after each epoch (logs include val_accuracy when a
-    validation set is given); it may raise `optuna.TrialPruned` to stop the fit.
+    validation set is given, and with `cosine_decay` epochs_planned, the plan as it stands
+    now); it may raise `optuna.TrialPruned` to stop the fit.
     With `cosine_decay` the learning rate decays from the config's to 0 over the fit, and
     with `deadline_s` as well the fit plans fewer epochs when they run too slow to end
     within that many seconds (`CosineWithinDeadline`); with `augment` every epoch sees the
@@ -236,10 +249,11 @@ def fit_config(
     keras.utils.set_random_seed(seed)
     model = build_cnn(cfg, num_classes=num_classes, input_shape=tuple(x_train.shape[1:]))
     steps = math.ceil(len(x_train) / cfg.batch_size)
-    schedule: list[keras.callbacks.Callback] = []
-    if cosine_decay:
-        schedule.append(CosineWithinDeadline(cfg.learning_rate, epochs, steps, deadline_s))
-    hooks = _Hooks(on_epoch, on_batch, steps)
+    schedule = (
+        CosineWithinDeadline(cfg.learning_rate, epochs, steps, deadline_s)
+        if cosine_decay else None
+    )
+    hooks = _Hooks(on_epoch, on_batch, steps, schedule)
     start = time.perf_counter()
     result = FitResult(params=int(model.count_params()))
     try:
@@ -253,7 +267,7 @@ def fit_config(
             **inputs,
             epochs=epochs,
             validation_data=(x_val, y_val) if x_val is not None else None,
-            callbacks=[*schedule, hooks, *callbacks],
+            callbacks=[*([schedule] if schedule else []), hooks, *callbacks],
             verbose=0,
         )
         result.history = {k: [float(v) for v in vs] for k, vs in hist.history.items()}

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -204,11 +205,18 @@ def test_final_fit_budget_uses_the_probe_and_keeps_the_seeded_weights(
     # A probe far too optimistic plans the rule's epochs; the fit, slower than that, is cut
     # to what its share allows, and the card says so.
     monkeypatch.setattr(training, "measure_epoch_seconds", lambda *a, **k: 1e-9)
+    started: list[tuple[int, int]] = []
+    sink = SimpleNamespace(
+        trial_started=lambda *a: None, batch_done=lambda *a: None, epoch_done=lambda *a: None,
+        epoch_started=lambda number, step, total: started.append((step, total)),
+    )
     cut = ex.export_study(study, tiny_dataset, tmp_path / "d", final_minutes=1e-6,
-                          ensemble=1, command_line=["test"])
+                          ensemble=1, command_line=["test"], progress=sink)
     card = json.loads((cut / "model_card.json").read_text())
     assert cards[0]["final_epochs"] > 1 and card["final_epochs"] == 1
     assert "cut to 1 during the fit" in card["final_epochs_rule"]
+    # The progress display never announces an epoch the cut plan dropped.
+    assert started == [(1, cards[0]["final_epochs"])]
 
 
 def test_export_round_trip(exported: tuple[Path, Any, Any], tiny_dataset: Dataset,

@@ -101,9 +101,10 @@ def test_cosine_without_deadline_is_keras_cosine_decay() -> None:
 
 
 def test_slow_epochs_shorten_the_plan_and_the_rate_still_anneals() -> None:
-    # Every clock reading is 10 s later: each epoch "takes" 10 s against a 35 s deadline,
-    # so after the first epoch 2 more fit, not the 5 planned.
-    ticks = iter(range(0, 1000, 10))
+    # Clock readings: the fit starts at 0, its first step (start-up included) ends at 1, then
+    # 3 s per step: epoch 1 ends at 10, epoch 2 at 22. Against a 35 s deadline, after epoch 1
+    # 25 s are left, 8 steps, 2 epochs of 4: the plan of 6 becomes 3.
+    ticks = iter([0.0, 1.0, 10.0, 22.0, 34.0])
     schedule = CosineWithinDeadline(0.01, epochs=6, steps=4, deadline_s=35,
                                     clock=lambda: next(ticks))
     rates, run = _fit_with(schedule, epochs=6)
@@ -114,6 +115,11 @@ def test_slow_epochs_shorten_the_plan_and_the_rate_still_anneals() -> None:
     assert rates[4:] == pytest.approx(
         [rates[4] * 0.5 * (1 + math.cos(math.pi * k / 8)) for k in range(8)], rel=1e-5)
     assert (np.diff(rates) < 0).all() and rates[-1] < 0.05 * 0.01
+    # Steps as fast as planned: no cut, whatever the first step's start-up cost.
+    ticks = iter([0.0, 20.0, 29.0, 41.0, 53.0, 65.0, 77.0])
+    on_time = CosineWithinDeadline(0.01, epochs=5, steps=4, deadline_s=80,
+                                   clock=lambda: next(ticks))
+    assert _fit_with(on_time, epochs=5)[1] == 5 and on_time.cut_from is None
 
 
 def test_fit_config_with_a_spent_deadline_stops_after_one_epoch() -> None:
