@@ -444,7 +444,8 @@ def fig_model_card(
 def _trained_notes(card: dict[str, Any]) -> list[str]:
     """One line per model of the export: what was trained, for how long, and, when the final
     fit scaled it up, what the search had found."""
-    members = card.get("ensemble") if isinstance(card.get("ensemble"), list) else [card]
+    ensemble = card.get("ensemble")
+    members: list[Any] = ensemble if isinstance(ensemble, list) else [card]
     lines = []
     for m in members:
         if not isinstance(m, dict) or not m.get("architecture"):
