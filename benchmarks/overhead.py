@@ -15,7 +15,6 @@ medians are reported.
 
 from __future__ import annotations
 
-import gc
 import io
 import statistics
 import time
@@ -138,10 +137,12 @@ def main() -> int:
         f()
         return time.perf_counter() - start
 
-    def cleanup() -> None:
+    def cleanup() -> None:  # as the objective does after every trial
         keras.backend.clear_session(free_memory=True)
-        gc.collect()
 
+    # As in a search's worker, whose run_trials settles the heap once for all its trials
+    # (here each call is nested inside this one, so it does not settle it again).
+    st.settled_heap().__enter__()
     parts: dict[str, list[float]] = {"study": [], "count_params": [], "clear_session": []}
     for _ in range(max(3, args.repeats)):
         parts["study"].append(bookkeeping())

@@ -308,6 +308,7 @@ def _measure(
 ) -> int:
     """Train each baseline in `todo` as one trial of `study`; return an exit code."""
     from .progress import SearchProgress
+    from .study import settled_heap
 
     if not todo:
         return 0
@@ -319,7 +320,7 @@ def _measure(
     # traceback at WARNING level.
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     try:
-        with sink:
+        with sink, settled_heap():
             for name in todo:
                 b = BY_NAME[name]
                 console.print(f"baseline [bold]{name}[/bold] (doc {b.source})", highlight=False)

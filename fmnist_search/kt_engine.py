@@ -513,7 +513,7 @@ def run_keras_tuner(
         json.dumps(study.user_attrs.get("protocol"), sort_keys=True), encoding="utf-8"
     )
     try:
-        with _kt_quiet():
+        with _kt_quiet(), st.settled_heap():  # as our engine's trials: cheap collections
             tuner.search(epochs=protocol.epochs, verbose=0)
     except _Stop:
         pass

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-import gc
 import json
 import math
 import time
@@ -194,9 +193,8 @@ class Objective:
             raise
         finally:
             # Keras keeps every graph it built in a global session: without this,
-            # memory grows trial after trial.
+            # memory grows trial after trial. free_memory runs the garbage collector.
             keras.backend.clear_session(free_memory=True)
-            gc.collect()
             _malloc_trim()
 
     def _run(self, trial: optuna.Trial, cfg: CnnConfig, start: float) -> float:

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import gc
 import hashlib
 import os
 import re
 import threading
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -334,6 +336,28 @@ def _stop_heartbeats(study: optuna.Study, reason: str) -> list[int]:
     return failed
 
 
+@contextlib.contextmanager
+def settled_heap() -> Iterator[None]:
+    """Within: every object alive on entry is exempt from garbage collection (`gc.freeze`).
+
+    TensorFlow, Keras and the data leave about 450,000 long-lived objects that every full
+    collection walks again: 0.2 s each time, and a trial ran three (Keras' clear_session,
+    Optuna's gc_after_trial, one of ours), 0.6 s of a 10 s trial. Frozen, a collection walks
+    only what was made since. Frozen objects are still freed by reference counting; on exit
+    they are collectable again, so a cycle that became garbage meanwhile is not kept.
+    Nested, only the outermost freezes and unfreezes.
+    """
+    if gc.get_freeze_count():  # a caller has settled it already
+        yield
+        return
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 def run_trials(
     study: optuna.Study,
     objective: Callable[[optuna.Trial], float | tuple[float, ...]],
@@ -354,6 +378,20 @@ def run_trials(
     `TrialLock`. Failed trials (diverged, invalid, crashed, killed) are recorded and
     replaced; `max_consecutive_failures` of them in a row stop this worker (StudyError).
     """
+    with settled_heap():
+        return _run_trials(study, objective, total_trials, timeout, callbacks,
+                           max_consecutive_failures, max_trials)
+
+
+def _run_trials(
+    study: optuna.Study,
+    objective: Callable[[optuna.Trial], float | tuple[float, ...]],
+    total_trials: int,
+    timeout: float | None,
+    callbacks: Sequence[Callable[[optuna.Study, FrozenTrial], None]],
+    max_consecutive_failures: int,
+    max_trials: int | None,
+) -> bool:
     lock = TrialLock(study._storage, study.study_name)
     deadline = time.monotonic() + timeout if timeout else None
     streak = 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
 from pathlib import Path
 
 import optuna
@@ -37,6 +39,45 @@ def test_trials_means_total_finished_across_runs(tmp_path: Path) -> None:
     trials = _open(url).get_trials()
     assert [t.number for t in trials] == list(range(5))
     assert (tmp_path / "s" / "study.db").exists()
+
+
+class _Cycle:
+    """An object in a reference cycle: only the garbage collector can free it."""
+
+    def __init__(self) -> None:
+        self.me = self
+
+
+def test_trials_run_on_a_settled_heap_and_leave_it_collectable(tmp_path: Path) -> None:
+    """Objects alive before the trials are frozen during them (cheap collections), and
+    collectable again afterwards; garbage the trials make is still collected."""
+    seen: dict[str, int] = {}
+
+    def objective(trial: optuna.Trial) -> float:
+        seen["frozen"] = gc.get_freeze_count()
+        made = weakref.ref(_Cycle())
+        gc.collect()
+        seen["made_freed"] = made() is None
+        return trial.suggest_float("x", 0, 1)
+
+    old2 = _Cycle()  # alive while the trials run
+    old2_ref = weakref.ref(old2)
+    study = _open(st.default_storage(tmp_path, "s"))
+    st.run_trials(study, objective, 1)
+    assert seen["frozen"] > 1000 and seen["made_freed"]
+    assert gc.get_freeze_count() == 0
+    del old2  # frozen during the trials, garbage now: collectable once they are over
+    gc.collect()
+    assert old2_ref() is None
+
+
+def test_settled_heap_nests() -> None:
+    with st.settled_heap():
+        frozen = gc.get_freeze_count()
+        with st.settled_heap():
+            assert gc.get_freeze_count() == frozen
+        assert gc.get_freeze_count() == frozen  # the inner one did not unfreeze
+    assert gc.get_freeze_count() == 0
 
 
 def test_failed_trials_are_replaced(tmp_path: Path) -> None:
