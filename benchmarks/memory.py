@@ -186,7 +186,8 @@ def recycled_run(args: Any, run_dir: Any) -> dict[str, Any]:
            "--epochs", str(args.epochs), "--train-subset", str(args.train_subset),
            "--val-size", str(args.val_size), "--space", str(space_file), "--seed", "0",
            "--results-dir", str(run_dir / "recycled"), "--study-name", NAME,
-           "--recycle-after", str(args.recycle_after), "--no-export", "--no-progress"]
+           "--recycle-after", str(args.recycle_after), "--workers", "1",
+           "--no-export", "--no-progress"]
     if args.data_dir:
         cmd += ["--data-dir", args.data_dir]
     log = run_dir / "recycled.log"
