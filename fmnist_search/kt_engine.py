@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import gc
 import io
 import json
 import math
@@ -390,9 +389,9 @@ def _tuner_class(base: Any) -> Any:
                 self.engine.record(trial)
                 super().on_trial_end(trial)
             finally:
-                # As the Objective: Keras keeps every graph it built otherwise.
+                # As the Objective: Keras keeps every graph it built otherwise (free_memory
+                # runs the garbage collector).
                 keras.backend.clear_session(free_memory=True)
-                gc.collect()
 
     return RecordingTuner
 
