@@ -340,7 +340,7 @@ def _stop_heartbeats(study: optuna.Study, reason: str) -> list[int]:
 def settled_heap() -> Iterator[None]:
     """Within: every object alive on entry is exempt from garbage collection (`gc.freeze`).
 
-    TensorFlow, Keras and the data leave about 450,000 long-lived objects that every full
+    TensorFlow and Keras leave about 450,000 long-lived objects that every full
     collection walks again: 0.2 s each time, and a trial ran three (Keras' clear_session,
     Optuna's gc_after_trial, one of ours), 0.6 s of a 10 s trial. Frozen, a collection walks
     only what was made since. Frozen objects are still freed by reference counting; on exit
