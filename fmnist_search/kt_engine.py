@@ -43,6 +43,7 @@ from searchspace.config import CnnConfig, InvalidConfigError
 from searchspace.keras_tuner import config_from_hp, optuna_point
 from searchspace.space import SearchSpace
 
+from . import session
 from . import study as st
 from .model import build_cnn, count_params
 from .objective import Folds, ProgressSink, SearchProtocol
@@ -379,7 +380,9 @@ def _tuner_class(base: Any) -> Any:
         def _build_and_fit_model(self, trial: Any, *args: Any, **kwargs: Any) -> Any:
             rec = self.engine.begin(trial)
             try:
-                return super()._build_and_fit_model(trial, *args, **kwargs)
+                # The model is done training when this returns: its traced graphs can go.
+                with session.gradients_released():
+                    return super()._build_and_fit_model(trial, *args, **kwargs)
             except Exception as e:
                 rec.fail_reason = _reason(e)
                 raise
@@ -392,6 +395,7 @@ def _tuner_class(base: Any) -> Any:
                 # As the Objective: Keras keeps every graph it built otherwise (free_memory
                 # runs the garbage collector).
                 keras.backend.clear_session(free_memory=True)
+                session.malloc_trim()
 
     return RecordingTuner
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import json
 import math
 import time
@@ -10,7 +9,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import keras
 import numpy as np
 import optuna
 
@@ -27,16 +25,8 @@ from .multiobjective import (
     set_constraints,
     violates_before_training,
 )
+from .session import released_session
 from .training import DivergedError, fit_config
-
-
-def _malloc_trim() -> None:
-    """Give freed heap pages back to the OS (glibc): TensorFlow's per-model allocations
-    otherwise stay in the process's arenas and RSS climbs trial after trial."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
 
 
 class TrialFailedError(RuntimeError):
@@ -164,6 +154,12 @@ class Objective:
         return latency
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
+        # A trial leaves its traced graphs, Keras' global session and freed heap pages
+        # behind; without giving them back, memory grows trial after trial.
+        with released_session():
+            return self._trial(trial)
+
+    def _trial(self, trial: optuna.Trial) -> float | tuple[float, ...]:
         start = time.perf_counter()
         try:
             cfg = self.config_fn(trial)
@@ -191,11 +187,6 @@ class Objective:
             first = (str(e).strip().splitlines() or [""])[0][:300]
             trial.set_user_attr("fail_reason", f"{type(e).__name__}: {first}")
             raise
-        finally:
-            # Keras keeps every graph it built in a global session: without this,
-            # memory grows trial after trial. free_memory runs the garbage collector.
-            keras.backend.clear_session(free_memory=True)
-            _malloc_trim()
 
     def _run(self, trial: optuna.Trial, cfg: CnnConfig, start: float) -> float:
         p = self.protocol
