@@ -297,11 +297,18 @@ def bare_note(r: dict[str, Any]) -> str:
         f"`fit`, `del model`, `keras.backend.clear_session(free_memory=True)`, `gc.collect()`) "
         f"grow by **{own:+.1f} MB**, against {tool:+.1f} MB for the tool. "
     )
+    if own > tool + 20:
+        return text + (
+            f"Bare Keras keeps {own - tool:.0f} MB more: every traced training step's graph, "
+            "which stays referenced from TensorFlow's global gradient registry (a "
+            "`CustomGradient-N` entry per trace, from the optimizer's all-reduce; "
+            "tensorflow/tensorflow#27492, #97697). The tool unregisters a trial's entries "
+            "when the trial ends (`fmnist_search/session.py`)."
+        )
     if tool > 0 and own >= 0.8 * tool:
         return text + (
             "The growth is TensorFlow/Keras's own: memory kept after every model even once "
-            "the session is cleared (reported upstream as keras-team/keras#17458 and "
-            "tensorflow/tensorflow#61791). Only ending the process gives it back."
+            "the session is cleared. Only ending the process gives it back."
         )
     return text + f"The tool itself adds about {tool - own:+.1f} MB over the run."
 

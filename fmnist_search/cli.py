@@ -234,9 +234,11 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         )
         g.add_argument(
             "--warm-start",
-            action="store_true",
+            action=argparse.BooleanOptionalAction,
+            default=None,
             help="enqueue the nearest points of the space to the seed documents' baselines "
-            "as the first trials",
+            "as the first trials (default: on with the Optuna engine; they also serve as "
+            "TPE's first observations)",
         )
         g.add_argument("--no-progress", action="store_true", help="plain log lines, no live bars")
         g.add_argument(
@@ -444,6 +446,11 @@ def cmd_search(args: argparse.Namespace) -> int:
             raise UsageError("--engine keras-tuner supports the holdout split only: drop --cv")
         if len(args.objectives) > 1 or args.max_params or args.max_latency_ms:
             raise UsageError("--engine keras-tuner searches accuracy only (no --objectives/limits)")
+        if args.warm_start:
+            raise UsageError("--warm-start works with the Optuna engine only")
+        args.warm_start = False
+    elif args.warm_start is None:
+        args.warm_start = True
     space = load_space_arg(args)
     url = storage_url(args)
     import_tensorflow_quietly()

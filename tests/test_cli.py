@@ -115,6 +115,8 @@ def test_end_to_end_search_resume_and_leaderboard(tmp_path: Path, synthetic_dir:
     )
     finished = [t for t in study.trials if t.state.is_finished() and t.state.name != "FAIL"]
     assert len(finished) == 4
+    # The warm start (default): the first trials are the baselines' nearest points.
+    assert all(t.user_attrs.get("warm_start_from") for t in finished)
 
     r = _run("--trials", "4", *common[:-1], "--epochs", "3")  # another protocol: refused
     assert r.returncode == 1 and "epochs" in r.stderr
@@ -134,6 +136,32 @@ def test_end_to_end_search_resume_and_leaderboard(tmp_path: Path, synthetic_dir:
     assert r.stdout.startswith("rank,trial,")
     r = _run("leaderboard", "--study-name", "nope", "--results-dir", str(tmp_path / "res"))
     assert r.returncode == 1 and "no study" in r.stderr
+
+
+def test_no_warm_start_searches_from_the_sampler_alone(
+    tmp_path: Path, synthetic_dir: Path
+) -> None:
+    res = tmp_path / "res"
+    r = _run("--trials", "1", "--epochs", "1", "--no-warm-start", "--no-export", "--no-progress",
+             "--data-dir", str(synthetic_dir), "--results-dir", str(res), "--study-name", "cold")
+    assert r.returncode == 0, r.stderr
+    assert "warm start" not in r.stdout + r.stderr
+
+    import optuna
+
+    study = optuna.load_study(study_name="cold", storage=f"sqlite:///{res / 'cold' / 'study.db'}")
+    assert len(study.trials) == 1
+    assert "warm_start_from" not in study.trials[0].user_attrs
+
+
+def test_warm_start_is_for_the_optuna_engine(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["--engine", "keras-tuner", "--warm-start", "--results-dir", str(tmp_path / "r")])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert "Optuna engine" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "r").exists()
 
 
 def test_multi_objective_search_with_limit_and_pareto_export(
