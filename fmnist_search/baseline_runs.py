@@ -422,7 +422,10 @@ def nearest_params(cfg: CnnConfig, space: SearchSpace) -> dict[str, Any]:
 
 
 def warm_start(
-    study: optuna.Study, space: SearchSpace, baselines: Sequence[Baseline] = BASELINES
+    study: optuna.Study,
+    space: SearchSpace,
+    baselines: Sequence[Baseline] = BASELINES,
+    limit: int | None = None,
 ) -> list[str]:
     """Enqueue, for each baseline, the nearest point of `space` as a trial of `study`.
 
@@ -430,12 +433,15 @@ def warm_start(
     filter count per block...), not the exact baselines: `run_search.py baselines`
     measures those. A point already in the study (or shared by two baselines) is not
     enqueued twice; each enqueued trial carries the user attribute "warm_start_from".
+    At most `limit` points are enqueued (the search's budget: more would be left waiting).
 
     Returns:
         The names of the baselines whose point was enqueued now.
     """
-    enqueued = []
+    enqueued: list[str] = []
     for b in baselines:
+        if limit is not None and len(enqueued) >= limit:
+            break
         before = len(study.get_trials(deepcopy=False))
         study.enqueue_trial(
             nearest_params(b.config, space),

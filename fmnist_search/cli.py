@@ -576,10 +576,12 @@ def cmd_search(args: argparse.Namespace) -> int:
             err(str(e))
             return EXIT_RUNTIME
         return 0
-    if args.warm_start:
+    # Only into a new study, and no more points than its budget: a resumed or shared study
+    # (another machine may be enqueuing the same points) is left as it is.
+    if args.warm_start and not study.get_trials(deepcopy=False):
         from .baseline_runs import warm_start
 
-        queued = warm_start(study, space)
+        queued = warm_start(study, space, limit=args.trials)
         if queued:
             console.print(
                 f"warm start: enqueued the nearest points to {', '.join(queued)}", highlight=False

@@ -219,3 +219,10 @@ def test_baselines_bad_space_or_missing_data_write_nothing(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and "'pooling'" in err[0] and "nowhere" in err[1]
     assert not results.exists()
+
+
+def test_warm_start_stops_at_the_budget() -> None:
+    study = optuna.create_study(direction="maximize")
+    assert len(warm_start(study, SearchSpace(), limit=3)) == 3
+    assert len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,))) == 3
+    assert warm_start(study, SearchSpace(), limit=0) == []
