@@ -242,7 +242,7 @@ def render(r: dict[str, Any]) -> str:
     ]
     img = common.plot_path(NAME, quick).name
     states = ", ".join(f"{v} {k.lower()}" for k, v in r["states"].items() if v)
-    return "\n\n".join([
+    return "\n\n".join(filter(None, [
         common.section_title("Memory over many trials", quick),
         common.provenance(r),
         f"{s['trials']} trials ({states}) of a small space in one process, "
@@ -255,10 +255,13 @@ def render(r: dict[str, Any]) -> str:
         f"{100 * r['slope_mb_per_trial']:+.0f} MB per 100 trials).",
         common.verdict(r["growth_mb"] < TARGET_MB,
                        f"growth < {TARGET_MB:.0f} MB over {s['trials']} trials"),
+        (f"Where it grows: {rss[29] - rss[0]:+.1f} MB by trial 30, then "
+         f"{rss[-1] - rss[29]:+.1f} MB over the {len(rss) - 30} trials after it."
+         if len(rss) > 30 else ""),
         bare_note(r),
         recycled_note(r),
         f"![RSS after each trial]({img})",
-    ])
+    ]))
 
 
 def recycled_note(r: dict[str, Any]) -> str:

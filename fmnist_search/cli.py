@@ -262,7 +262,7 @@ def build_parser(command: str) -> argparse.ArgumentParser:
             type=int_at_least(0),
             default=None,
             help="run the trials in worker processes restarted after N trials each, which "
-            "bounds memory: TensorFlow keeps ~10 MB per model until its process ends "
+            "bounds whatever TensorFlow keeps after a trial until its process ends "
             f"(default {DEFAULT_RECYCLE}; one worker with at most {DEFAULT_RECYCLE} trials "
             "left runs them in this process; 0: always in this process, one worker only)",
         )
@@ -683,9 +683,10 @@ def resolve_workers(args: argparse.Namespace, done: int) -> int:
 def uses_worker_processes(args: argparse.Namespace, done: int) -> bool:
     """Whether the trials run in (recycled) worker processes rather than in this one.
 
-    TensorFlow keeps about 10 MB per trained model until its process ends (measured, also
-    with clear_session and gc), so no process runs more than --recycle-after trials. One
-    worker with that many trials or fewer left runs them here, which also starts faster.
+    Whatever TensorFlow still keeps after a trial (little since `session.released_session`,
+    but a process is the only sure bound) goes when the process ends, so no process runs
+    more than --recycle-after trials. One worker with that many trials or fewer left runs
+    them here, which also starts faster.
     """
     if args.engine == "keras-tuner":
         return False
