@@ -3,7 +3,7 @@
 Runs, on a fresh study under results/benchmarks/runs/headline-<form>/ and timing each step:
 
 1. `python run_search.py --trials 50 --no-export` (the defaults: 3 epochs, 10,000 training
-   images, TPE with Hyperband pruning),
+   images, TPE with Hyperband pruning, warm start from the baselines' nearest points),
 2. `python run_search.py baselines` (the seed documents' models under the same protocol),
 3. `python run_search.py export` (final fit on the 60,000 training images, one evaluation on
    the 10,000 test images).
