@@ -394,8 +394,7 @@ def _tuner_class(base: Any) -> Any:
             finally:
                 # As the Objective: Keras keeps every graph it built otherwise (free_memory
                 # runs the garbage collector).
-                keras.backend.clear_session(free_memory=True)
-                session.malloc_trim()
+                session.clear()
 
     return RecordingTuner
 

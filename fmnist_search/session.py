@@ -75,6 +75,12 @@ def malloc_trim() -> None:
         pass
 
 
+def clear() -> None:
+    """Clear Keras' global session (which runs the garbage collector) and trim the heap."""
+    keras.backend.clear_session(free_memory=True)
+    malloc_trim()
+
+
 @contextlib.contextmanager
 def gradients_released() -> Iterator[None]:
     """Unregister, on exit, the custom gradients registered inside (the traced graphs)."""
@@ -96,5 +102,4 @@ def released_session() -> Iterator[None]:
         with gradients_released():
             yield
     finally:
-        keras.backend.clear_session(free_memory=True)
-        malloc_trim()
+        clear()
