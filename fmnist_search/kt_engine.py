@@ -47,7 +47,7 @@ from . import session
 from . import study as st
 from .model import build_cnn, count_params
 from .objective import Folds, ProgressSink, SearchProtocol
-from .training import DivergedError, _Hooks
+from .training import DivergedError, _Hooks, validation_batch_size
 
 ALGORITHMS = ("hyperband", "bayesian", "random")
 TENSORBOARD_HINT = "keras-tuner needs the tensorboard package: pip install tensorboard"
@@ -363,6 +363,7 @@ class CnnHyperModel(kt.HyperModel):
         return model.fit(
             e.x_train, e.y_train, batch_size=rec.cfg.batch_size, epochs=epochs,
             initial_epoch=initial_epoch, validation_data=(e.x_val, e.y_val),
+            validation_batch_size=validation_batch_size(rec.cfg),
             callbacks=[hooks, *callbacks], verbose=0, shuffle=True,
         )
 

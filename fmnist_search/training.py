@@ -131,6 +131,19 @@ class CosineWithinDeadline(keras.callbacks.Callback):
 # Final-fit augmentation: flips and shifts keep a garment a garment (a shoe pointing the
 # other way is still a shoe) and are what small CNNs on Fashion-MNIST commonly train with.
 SHIFT_PIXELS = 2
+# Validation runs the model forward only, and on this CPU a forward pass over 10,000 images
+# takes 0.59 s in batches of 512 against 0.80 s in batches of 128 (the usual training
+# batch): validating after every epoch, as the pruner needs, costs a quarter less.
+MIN_VALIDATION_BATCH = 512
+
+
+def validation_batch_size(cfg: CnnConfig) -> int:
+    """Batch size for validation passes: the training batch, at least MIN_VALIDATION_BATCH.
+
+    Inference keeps no gradients, so larger batches cost little memory and run faster;
+    the scores are the same up to float rounding (BatchNorm uses its moving statistics).
+    """
+    return max(cfg.batch_size, MIN_VALIDATION_BATCH)
 
 
 def augmented_batches(
@@ -267,6 +280,7 @@ def fit_config(
             **inputs,
             epochs=epochs,
             validation_data=(x_val, y_val) if x_val is not None else None,
+            validation_batch_size=validation_batch_size(cfg),
             callbacks=[*([schedule] if schedule else []), hooks, *callbacks],
             verbose=0,
         )

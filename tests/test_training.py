@@ -12,6 +12,7 @@ import pytest
 
 from fmnist_search.model import build_cnn
 from fmnist_search.training import (
+    MIN_VALIDATION_BATCH,
     SHIFT_PIXELS,
     CosineWithinDeadline,
     augmented_batches,
@@ -70,6 +71,33 @@ def test_fit_config_trains_with_and_without_augmentation(augment: bool) -> None:
                      cosine_decay=True, keep_model=True)
     assert res.epochs_run == 2 and np.isfinite(res.history["loss"]).all()
     assert res.model is not None and res.model.predict(x[:2], verbose=0).shape == (2, 10)
+
+
+class _TestBatches(keras.callbacks.Callback):
+    """Counts the validation batches run inside `fit`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def on_test_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        self.count += 1
+
+
+def test_validation_runs_in_large_batches_with_the_same_score() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.random((64, 28, 28, 1), dtype=np.float32)
+    y = rng.integers(0, 10, 64).astype(np.int32)
+    n_val = MIN_VALIDATION_BATCH + 88
+    xv = rng.random((n_val, 28, 28, 1), dtype=np.float32)
+    yv = rng.integers(0, 10, n_val).astype(np.int32)
+    cfg = CnnConfig(blocks=(ConvBlock(convs=(ConvLayer(4, 3),)),), batch_size=16)
+    batches = _TestBatches()
+    res = fit_config(cfg, x, y, xv, yv, epochs=2, seed=0, callbacks=[batches], keep_model=True)
+    assert batches.count == 2 * 2  # 600 images in batches of 512, twice; not 38 per epoch
+    assert res.model is not None
+    _, acc = res.model.evaluate(xv, yv, batch_size=cfg.batch_size, verbose=0)
+    assert res.history["val_accuracy"][-1] == pytest.approx(acc, abs=1e-6)
 
 
 class _Rates(keras.callbacks.Callback):
