@@ -1,13 +1,22 @@
 """What pruning saves: epochs trained and best accuracy, with and without the pruner.
 
 The same search (seeded TPE, the same space, data, epochs and number of trials) run twice
-per seed: with the default Hyperband pruner and with none. Epochs trained are the sum of
+per seed: with a pruner (the CLI's default, Hyperband, unless `--pruner` names another of
+its pruners) and with none. Epochs trained are the sum of
 `epochs_run` over all trials (pruned ones stop early); the best is the best complete trial's
 validation accuracy. TPE's first 10 trials are random and identical in both runs, so with
 few trials the comparison isolates what pruning cuts.
 
     python benchmarks/pruning.py            # full: 3 seeds x 50 trials, the CLI's defaults
     python benchmarks/pruning.py --quick    # harness check: 1 seed x 8 trials, 1,000 images
+
+At the default 3 epochs per trial Hyperband cannot save 60% (see `max_saving`); where a
+pruner can, for example:
+
+    python benchmarks/pruning.py --pruner sha --epochs 9 --trials 30 --train-subset 2000 \
+        --val-size 2000
+
+Results go to `pruning.json`, or `pruning-<pruner>.json` for a pruner other than Hyperband.
 """
 
 from __future__ import annotations
@@ -19,6 +28,13 @@ from typing import Any
 import common
 
 NAME = "pruning"
+PRUNERS = ("hyperband", "sha", "median")
+DESCRIBED = {
+    "hyperband": "Optuna's Hyperband pruner (min 1 epoch, reduction factor 3)",
+    "sha": "Optuna's successive halving pruner (min 1 epoch, reduction factor 3)",
+    "median": "Optuna's median pruner (after 5 trials and 1 epoch)",
+}
+SHORT = {"hyperband": "Hyperband", "sha": "successive halving", "median": "median pruner"}
 TARGET_SAVING_PCT = 60.0
 TARGET_LOSS_PTS = 0.2
 
@@ -28,6 +44,8 @@ def parse_args() -> Any:
     p.add_argument("--trials", type=int, default=None, help="trials per run (full 50)")
     p.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (full 3)")
     p.add_argument("--epochs", type=int, default=3, help="epochs per trial (default 3)")
+    p.add_argument("--pruner", choices=PRUNERS, default="hyperband",
+                   help="the pruner set against none (default: hyperband, the CLI's)")
     p.add_argument("--train-subset", type=int, default=None, help="training images (full 10000)")
     p.add_argument("--val-size", type=int, default=None, help="validation images (full 10000)")
     args = p.parse_args()
@@ -51,13 +69,19 @@ def summarise(trials: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def result_name(pruner: str) -> str:
+    """The JSON and doc-section name: the default pruner's is plain `pruning`."""
+    return NAME if pruner == "hyperband" else f"{NAME}-{pruner}"
+
+
 def compare(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Mean epochs saved (%) and mean accuracy lost (points) over seeds."""
     by = {(r["seed"], r["pruner"]): r["summary"] for r in runs}
     seeds = sorted({r["seed"] for r in runs})
+    pruner = next((r["pruner"] for r in runs if r["pruner"] != "none"), "hyperband")
     saved, lost = [], []
     for s in seeds:
-        on, off = by.get((s, "hyperband")), by.get((s, "none"))
+        on, off = by.get((s, pruner)), by.get((s, "none"))
         if not on or not off or not off["epochs"]:
             continue
         saved.append(100 * (off["epochs"] - on["epochs"]) / off["epochs"])
@@ -73,9 +97,10 @@ def compare(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def main() -> int:
     args = parse_args()
+    name = result_name(args.pruner)
     if args.render_only:
-        saved = common.load_result(NAME, args.quick)
-        print(f"updated {common.update_doc(NAME, args.quick, render(saved))}")
+        saved = common.load_result(name, args.quick)
+        print(f"updated {common.update_doc(name, args.quick, render(saved))}")
         return 0
     env = common.environment()
     common.quiet_tensorflow()
@@ -90,12 +115,12 @@ def main() -> int:
         protocol = SearchProtocol(epochs=args.epochs, val_size=args.val_size,
                                   train_subset=args.train_subset, seed=seed)
         folds = make_folds(data, protocol)
-        for pruner in ("hyperband", "none"):
-            name = f"{pruner}-s{seed}"
-            root = common.RUNS / f"{NAME}-{common.form(args.quick)}"
-            run_dir = common.fresh_dir(root / name)
+        for pruner in (args.pruner, "none"):
+            run = f"{pruner}-s{seed}"
+            root = common.RUNS / f"{name}-{common.form(args.quick)}"
+            run_dir = common.fresh_dir(root / run)
             study = st.open_study(
-                st.default_storage(run_dir, name), name, st.make_sampler("tpe", seed),
+                st.default_storage(run_dir, run), run, st.make_sampler("tpe", seed),
                 st.make_pruner(pruner, protocol.steps),
                 {**protocol.to_dict(), "space": space.to_dict()},
             )
@@ -112,16 +137,17 @@ def main() -> int:
     result = {
         "settings": {"trials": args.trials, "seeds": args.seeds, "epochs": args.epochs,
                      "train_images": len(folds.splits[0][0]), "val_images": len(folds.splits[0][1]),
-                     "sampler": "tpe"},
+                     "sampler": "tpe", "pruner": args.pruner},
         "runs": runs,
         **compare(runs),
     }
-    common.publish(NAME, args.quick, result, env, render, no_doc=args.no_doc)
+    common.publish(name, args.quick, result, env, render, no_doc=args.no_doc)
     return 0
 
 
 def render(r: dict[str, Any]) -> str:
     s = r["settings"]
+    pruner = s.get("pruner", "hyperband")  # results from before --pruner: Hyperband
     rows = []
     for run in r["runs"]:
         m = run["summary"]
@@ -131,11 +157,15 @@ def render(r: dict[str, Any]) -> str:
     met = None if saved is None or lost is None else (
         saved >= TARGET_SAVING_PCT and lost <= TARGET_LOSS_PTS)
     return "\n\n".join([
-        common.section_title("Pruning: epochs saved and accuracy kept", r["form"] == "quick"),
+        common.section_title(
+            "Pruning: epochs saved and accuracy kept"
+            + ("" if pruner == "hyperband"
+               else f" ({SHORT[pruner]}, {s['epochs']} epochs per trial)"),
+            r["form"] == "quick"),
         common.provenance(r),
         f"TPE (seeded), {s['trials']} trials per run, {s['epochs']} epoch(s) per trial, "
         f"{s['train_images']:,} training / {s['val_images']:,} validation images, "
-        f"{s['seeds']} seed(s); Hyperband pruner (min 1 epoch, reduction factor 3) against none.",
+        f"{s['seeds']} seed(s); {DESCRIBED[pruner]} against none.",
         common.md_table(["seed", "pruner", "epochs trained", "complete", "pruned", "failed",
                          "best val acc", "wall time"], rows),
         f"Mean over seeds: pruning trains **{saved:.1f}% fewer epochs**."
@@ -145,21 +175,24 @@ def render(r: dict[str, Any]) -> str:
         if lost is not None else "Accuracy difference: n/a (a run had no complete trial).",
         common.verdict(met, f">= {TARGET_SAVING_PCT:.0f}% fewer epochs for <= "
                        f"{TARGET_LOSS_PTS} points of best accuracy lost"),
-        bound_note(s["epochs"]),
+        bound_note(s["epochs"], pruner),
     ])
 
 
-def max_saving(epochs: int, rf: int = 3) -> tuple[list[int], float]:
-    """Bracket sizes of Optuna's HyperbandPruner(min 1, factor rf) and the most it can save.
+def max_saving(epochs: int, rf: int = 3, pruner: str = "hyperband") -> tuple[list[int], float]:
+    """Bracket sizes of Optuna's Hyperband (or successive halving) pruner, min 1 epoch and
+    factor rf, and the most it can save.
 
     The saving assumes the steady state of successive halving: a 1/rf share of the trials
     goes on at every rung. (The first trials of a bracket are always kept, so real runs
-    save less.)
+    save less.) Successive halving is Hyperband's most aggressive bracket alone.
     """
     import math
 
     n = math.floor(math.log(epochs, rf) + 1e-9) + 1  # brackets, as Optuna computes them
     budgets = [math.ceil(n * rf ** (n - 1 - b) / (n - b)) for b in range(n)]
+    if pruner == "sha":
+        budgets = budgets[:1]
     saved = 0.0
     for b, w in enumerate(budgets):
         # Bracket b first compares at epoch rf**b, then at every rf-fold step.
@@ -174,16 +207,26 @@ def max_saving(epochs: int, rf: int = 3) -> tuple[list[int], float]:
     return budgets, saved
 
 
-def bound_note(epochs: int) -> str:
-    budgets, saved = max_saving(epochs)
-    more = ", ".join(f"{100 * max_saving(e)[1]:.0f}% at {e}" for e in (9, 27) if e > epochs)
+def bound_note(epochs: int, pruner: str = "hyperband") -> str:
+    """What the pruner can save at most at this many epochs per trial."""
+    if pruner == "median":
+        return ("The median pruner stops a trial whose score after an epoch is below the "
+                "median of earlier trials' at the same epoch: it can cut at any epoch, with "
+                "no fixed bound on what it saves.")
+    budgets, saved = max_saving(epochs, pruner=pruner)
+    more = ", ".join(f"{100 * max_saving(e, pruner=pruner)[1]:.0f}% at {e}"
+                     for e in (9, 27) if e > epochs)
+    tail = (f"even in the steady state (a third of the trials going on at each comparison) "
+            f"pruning saves at most about **{100 * saved:.0f}%** of the epochs at this setting"
+            + (f" (about {more} epochs per trial)." if more else "."))
+    if pruner == "sha":
+        return (f"At {epochs} epoch(s) per trial, successive halving compares trials after "
+                f"epochs 1, 3, 9, ... (those below the last); " + tail)
     return (
         f"At {epochs} epoch(s) per trial, Optuna's Hyperband (min 1 epoch, factor 3) has "
         f"{len(budgets)} bracket(s), receiving {', '.join(map(str, budgets))} of every "
         f"{sum(budgets)} trials; a bracket whose first comparison falls on the last epoch "
-        f"never stops a trial early. Even in the steady state (a third of the trials going on "
-        f"at each comparison) pruning saves at most about **{100 * saved:.0f}%** of the epochs "
-        f"at this setting" + (f" (about {more} epochs per trial)." if more else ".")
+        f"never stops a trial early. E" + tail[1:]
     )
 
 

@@ -146,6 +146,24 @@ def test_pruning_analysis_and_bound() -> None:
                                             "train_images": 1000, "val_images": 1000},
                                   runs=runs, **cmp))
     assert "60.0% fewer epochs" in text and "**not met**" in text and "27%" in text
+    assert "Hyperband pruner" in text and pruning.result_name("hyperband") == "pruning"
+
+
+def test_pruning_with_successive_halving() -> None:
+    assert pruning.max_saving(9, pruner="sha") == ([9], pytest.approx(0.741, abs=1e-3))
+    assert pruning.max_saving(3, pruner="sha")[1] == pytest.approx(0.444, abs=1e-3)
+    runs = [{"seed": 0, "pruner": "sha", "wall_s": 1.0,
+             "summary": {"epochs": 30, "complete": 3, "pruned": 7, "failed": 0, "best": 0.889}},
+            {"seed": 0, "pruner": "none", "wall_s": 2.0,
+             "summary": {"epochs": 90, "complete": 10, "pruned": 0, "failed": 0, "best": 0.89}}]
+    cmp = pruning.compare(runs)
+    assert cmp["epochs_saved_pct"] == pytest.approx(66.67, abs=0.01)
+    assert cmp["accuracy_lost_pts"] == pytest.approx(0.1)
+    text = pruning.render(_result(settings={"trials": 10, "seeds": 1, "epochs": 9,
+                                            "train_images": 1000, "val_images": 1000,
+                                            "pruner": "sha"}, runs=runs, **cmp))
+    assert "(successive halving, 9 epochs per trial)" in text and "**met**" in text
+    assert "74%" in text and pruning.result_name("sha") == "pruning-sha"
 
 
 def test_overhead_memory_workers_and_headline_render(docs: Path) -> None:
