@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import dataclasses
 import errno
 import hashlib
 import json
@@ -60,6 +61,17 @@ STILL_IMPROVING_FACTOR = 2.0
 # 40 min: scaled-up models need the time, and with the 15-20 min search the default run
 # stays within about an hour (run 7: 61 min).
 FINAL_FIT_MINUTES = 40.0
+# A final fit whose training accuracy after an epoch is under COLLAPSE_FACTOR x chance (and
+# under half its trial's validation score, for data where little can be learnt) has
+# collapsed: it answers (nearly) one class. A healthy model is far above that after one
+# epoch on 60,000 images; run 13's member fell to 0.10 test accuracy and was averaged in.
+COLLAPSE_FACTOR = 2.0
+
+
+def collapse_threshold(trial: FrozenTrial, num_classes: int) -> float:
+    """The training accuracy under which a member's final fit counts as collapsed."""
+    return min(COLLAPSE_FACTOR / num_classes, 0.5 * (accuracy_of(trial) or 0.0))
+
 # Models the final fit averages unless told otherwise (--ensemble): the best trial and the
 # next best of another architecture, both scaled up. Two, not three: scaled up, each needs
 # about 20 min for 11-12 epochs. Run 7's study: 0.9233 for two scaled models in 41 min,
@@ -469,6 +481,7 @@ def _fit(
     progress: ProgressSink | None,
     augment: bool = False,
     deadline_s: float | None = None,
+    collapse_below: float | None = None,
 ) -> Any:
     """fit_config with progress reporting; with validation data, keeps the best epoch's weights.
 
@@ -508,7 +521,45 @@ def _fit(
         cosine_decay=x_val is None,
         deadline_s=deadline_s,
         augment=augment,
+        collapse_below=collapse_below,
     )
+
+
+def _final_member_fit(
+    cfg: Any,
+    data: Dataset,
+    *,
+    epochs: int,
+    seed: int,
+    number: int,
+    progress: ProgressSink | None,
+    augment: bool,
+    deadline_s: float | None,
+    collapse_below: float,
+) -> Any:
+    """One member's final fit on all training images.
+
+    Raises CollapsedError when an epoch after the first ends under `collapse_below`
+    training accuracy, or when a fit of two epochs or more ends with a model scoring under
+    it on the first 2,000 training images (the per-epoch check averages over the epoch, so
+    it misses a collapse late in the last one). A one-epoch fit is not judged (on small
+    data a healthy model can be near chance after one pass).
+    """
+    from .training import CollapsedError
+
+    res = _fit(
+        cfg, data.x_train, data.y_train, None, None, epochs=epochs, seed=seed,
+        num_classes=data.num_classes, number=number, progress=progress, augment=augment,
+        deadline_s=deadline_s, collapse_below=collapse_below,
+    )
+    if res.model is not None and res.epochs_run >= 2:
+        n = min(len(data.y_train), 2_000)
+        probs = res.model.predict(data.x_train[:n], batch_size=1024, verbose=0)
+        acc = float(np.mean(np.argmax(probs, axis=1) == data.y_train[:n]))
+        if acc < collapse_below:
+            raise CollapsedError(f"accuracy {acc:.4f} on {n} training images after the fit, "
+                                 "about chance")
+    return res
 
 
 def export_study(
@@ -595,6 +646,7 @@ def export_study(
     _check_ensemble_size(members, protocol)
     current = trial  # the trial being fitted, for the error messages
     fits: list[tuple[FrozenTrial, Any, int, str, int, Any]] = []
+    dropped: list[dict[str, Any]] = []  # ensemble members whose final fit failed twice
     try:
         if final_fit:
             # The budget is the whole final fit's: each member gets an equal share of what is
@@ -631,11 +683,40 @@ def export_study(
                     )
                 else:
                     m_epochs, m_rule = final_epochs, "given on the command line (--final-epochs)"
-                m_res = _fit(
-                    m_cfg, data.x_train, data.y_train, None, None, epochs=m_epochs, seed=m_seed,
-                    num_classes=data.num_classes, number=m.number, progress=progress,
-                    augment=augment, deadline_s=deadline_s,
-                )
+                fit_start = time.perf_counter()
+                try:
+                    m_res = _final_member_fit(
+                        m_cfg, data, epochs=m_epochs, seed=m_seed, number=m.number,
+                        progress=progress, augment=augment, deadline_s=deadline_s,
+                        collapse_below=collapse_threshold(m, data.num_classes),
+                    )
+                except DivergedError as e:
+                    # The searched rate suited the searched model; the copy trained here is
+                    # often deeper (scale-up) and on 6x the images, and can blow up or fall
+                    # to chance with it (run 13: adam at 0.0089, 0.10 test accuracy). One
+                    # retry at a third of the rate, in what is left of the member's share.
+                    failed_s = time.perf_counter() - fit_start
+                    spent += failed_s
+                    m_cfg = dataclasses.replace(m_cfg, learning_rate=m_cfg.learning_rate / 3)
+                    why = (f"the first final fit stopped after {failed_s:.0f} s ({e}); "
+                           f"retrained at a third of the learning rate ({m_cfg.learning_rate:.2g})")
+                    m_rule += f"; {why}"
+                    retry_start = time.perf_counter()
+                    try:
+                        m_res = _final_member_fit(
+                            m_cfg, data, epochs=m_epochs, seed=m_seed, number=m.number,
+                            progress=progress, augment=augment,
+                            deadline_s=None if deadline_s is None
+                            else max(0.0, deadline_s - failed_s),
+                            collapse_below=collapse_threshold(m, data.num_classes),
+                        )
+                    except DivergedError as e2:
+                        if i == 0:  # the chosen trial itself: nothing to export in its name
+                            raise DivergedError(f"{e}; at a third of the rate: {e2}") from None
+                        spent += time.perf_counter() - retry_start
+                        dropped.append({"trial": m.number, "why": f"{why}, which stopped too "
+                                        f"({e2}); left out of the ensemble"})
+                        continue
                 _check_fitted(m, m_res)
                 if deadline_s is not None and m_res.epochs_run < m_epochs:  # cut in the fit
                     m_rule += (
@@ -740,9 +821,14 @@ def export_study(
             "architectures (dropout, optimiser and batch size aside); the top-level "
             "final_epochs, seed and config are trial "
             f"{trial.number}'s, params and train_time_s the whole ensemble's"
-            + ("" if len(fits) == ensemble else f"; {ensemble} were asked, the study had "
-               f"{len(fits)} complete, feasible trials with a usable config")
+            + ("" if len(fits) + len(dropped) == ensemble else f"; {ensemble} were asked, the "
+               f"study had {len(fits) + len(dropped)} complete, feasible trials with a usable "
+               "config")
+            + (f"; {len(dropped)} more left out, their final fit failed (ensemble_dropped)"
+               if dropped else "")
         )
+    if dropped:
+        card["ensemble_dropped"] = dropped
     metrics = _evaluate(model, data)  # the one and only look at the test images
     ua = trial.user_attrs
     card = {

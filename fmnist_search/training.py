@@ -23,6 +23,10 @@ class DivergedError(RuntimeError):
     """Training loss became NaN or infinite."""
 
 
+class CollapsedError(DivergedError):
+    """Training accuracy fell to chance: the model answers (nearly) one class for all."""
+
+
 @dataclass
 class FitResult:
     """What one fit produced."""
@@ -37,17 +41,22 @@ class FitResult:
 
 
 class _Hooks(keras.callbacks.Callback):
-    """Stops at the first non-finite loss and forwards batch/epoch progress."""
+    """Stops at the first non-finite loss (and, with `collapse_below`, at the end of an
+    epoch after the first whose training accuracy is under it) and forwards progress.
+
+    The first epoch is not judged: on small data a healthy model can still be near chance
+    after one pass."""
 
     def __init__(
         self, on_epoch: EpochHook | None, on_batch: BatchHook | None, steps: int,
-        schedule: CosineWithinDeadline | None = None,
+        schedule: CosineWithinDeadline | None = None, collapse_below: float | None = None,
     ):
         super().__init__()
         self._on_epoch = on_epoch
         self._on_batch = on_batch
         self._steps = steps
         self._schedule = schedule
+        self._collapse_below = collapse_below
         self._epoch = 0
 
     def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
@@ -63,6 +72,12 @@ class _Hooks(keras.callbacks.Callback):
             self._on_batch(batch + 1, self._steps)
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        acc = (logs or {}).get("accuracy")
+        if (self._collapse_below is not None and epoch >= 1 and acc is not None
+                and acc < self._collapse_below):
+            raise CollapsedError(
+                f"training accuracy {float(acc):.4f} after epoch {epoch + 1}, about chance"
+            )
         if self._on_epoch is not None:
             out = {k: float(v) for k, v in (logs or {}).items()}
             if self._schedule is not None:  # the plan may have just been cut
@@ -247,6 +262,7 @@ def fit_config(
     cosine_decay: bool = False,
     deadline_s: float | None = None,
     augment: bool = False,
+    collapse_below: float | None = None,
 ) -> FitResult:
     """Build `cfg` with weights seeded by `seed`, train it, and return its history.
 
@@ -256,7 +272,8 @@ def fit_config(
     With `cosine_decay` the learning rate decays from the config's to 0 over the fit, and
     with `deadline_s` as well the fit plans fewer epochs when they run too slow to end
     within that many seconds (`CosineWithinDeadline`); with `augment` every epoch sees the
-    training images randomly flipped and shifted.
+    training images randomly flipped and shifted; with `collapse_below` the fit stops with
+    CollapsedError after an epoch (past the first) whose training accuracy is under it.
     Raises DivergedError on a NaN/inf loss, InvalidConfigError for an unbuildable config.
     """
     keras.utils.set_random_seed(seed)
@@ -266,7 +283,7 @@ def fit_config(
         CosineWithinDeadline(cfg.learning_rate, epochs, steps, deadline_s)
         if cosine_decay else None
     )
-    hooks = _Hooks(on_epoch, on_batch, steps, schedule)
+    hooks = _Hooks(on_epoch, on_batch, steps, schedule, collapse_below)
     start = time.perf_counter()
     result = FitResult(params=int(model.count_params()))
     try:

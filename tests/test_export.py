@@ -24,6 +24,7 @@ from fmnist_search import study as st
 from fmnist_search.cli import main
 from fmnist_search.data import Dataset
 from fmnist_search.objective import Objective, SearchProtocol, make_folds
+from fmnist_search.training import CollapsedError
 from searchspace import space_from_dict
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -516,6 +517,87 @@ def test_ensemble_export_averages_its_members(
     np.save(tmp_path / "x.npy", x[:3])
     assert main(["predict", "--model", str(out), str(tmp_path / "x.npy")]) == 0
     assert capsys.readouterr().out.count("x.npy[") == 3
+
+
+@pytest.mark.parametrize("failures", [1, 2])
+def test_a_member_whose_final_fit_collapses_is_retried_then_left_out(
+    tiny_dataset: Dataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failures: int
+) -> None:
+    from searchspace import CnnConfig, ConvBlock, ConvLayer
+
+    study = _open(tmp_path, "c", tiny_dataset)
+    study.optimize(Objective(make_folds(tiny_dataset, PROTOCOL), SPACE, PROTOCOL), n_trials=1)
+    other = CnnConfig(blocks=(ConvBlock(convs=(ConvLayer(4, 5),), pool="avg"),), batch_size=32,
+                      learning_rate=0.009)
+    _add_complete(study, other, -0.5)
+    real_fit, rates = ex._fit, []
+
+    def fit(cfg: Any, *args: Any, number: int, **kw: Any) -> Any:
+        if number == 1:
+            rates.append(cfg.learning_rate)
+            if len(rates) <= failures:
+                raise CollapsedError("training accuracy 0.1000 after epoch 1, about chance")
+        return real_fit(cfg, *args, number=number, **kw)
+
+    monkeypatch.setattr(ex, "_fit", fit)
+    out = ex.export_study(study, tiny_dataset, tmp_path / "best_model", final_epochs=1,
+                          ensemble=2, command_line=["test"])
+    card = json.loads((out / "model_card.json").read_text())
+    assert rates == pytest.approx([0.009, 0.003])  # one retry, at a third of the rate
+    if failures == 1:
+        assert [m["trial"] for m in card["ensemble"]] == [0, 1]
+        member = card["ensemble"][1]
+        assert member["config"]["learning_rate"] == pytest.approx(0.003)
+        assert "retrained at a third of the learning rate" in member["final_epochs_rule"]
+        assert "ensemble_dropped" not in card
+    else:
+        assert "ensemble" not in card and card["trial"] == 0  # the lead alone
+        assert [d["trial"] for d in card["ensemble_dropped"]] == [1]
+        assert "left out of the ensemble" in card["ensemble_dropped"][0]["why"]
+    _sha256sum_ok(out)
+
+
+def test_a_final_fit_ending_on_one_class_counts_as_collapsed(
+    tiny_dataset: Dataset, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import keras
+
+    from fmnist_search.training import FitResult
+
+    # A model that answers class 0 for everything, as a collapsed fit's does.
+    one_class = keras.Sequential([
+        keras.Input((28, 28, 1)), keras.layers.Flatten(),
+        keras.layers.Dense(10, kernel_initializer="zeros",
+                           bias_initializer=keras.initializers.Constant([5.0] + [0.0] * 9)),
+    ])
+    monkeypatch.setattr(ex, "_fit", lambda *a, **k: FitResult(model=one_class, epochs_run=2))
+    share = float(np.mean(tiny_dataset.y_train[:2000] == 0))
+    kw: dict[str, Any] = {"epochs": 1, "seed": 0, "number": 0, "progress": None,
+                          "augment": False, "deadline_s": None}
+    with pytest.raises(CollapsedError, match="training images after the fit"):
+        ex._final_member_fit(None, tiny_dataset, collapse_below=share + 0.01, **kw)
+    assert ex._final_member_fit(None, tiny_dataset, collapse_below=share - 0.01, **kw).model
+    monkeypatch.setattr(ex, "_fit", lambda *a, **k: FitResult(model=one_class, epochs_run=1))
+    assert ex._final_member_fit(None, tiny_dataset, collapse_below=1.0, **kw).model  # 1 epoch
+    done = TrialState.COMPLETE
+    assert ex.collapse_threshold(SimpleNamespace(state=done, values=[0.9]), 10) == 0.2
+    assert ex.collapse_threshold(SimpleNamespace(state=done, values=[0.12]), 10) == 0.06
+
+
+def test_the_lead_model_collapsing_twice_fails_the_export(
+    searched: tuple[Path, Any], tiny_dataset: Dataset, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _, study = searched
+
+    def fit(*args: Any, **kw: Any) -> Any:
+        raise CollapsedError("training accuracy 0.1000 after epoch 1, about chance")
+
+    monkeypatch.setattr(ex, "_fit", fit)
+    with pytest.raises(ex.ExportError, match="final fit diverged.*a third of the rate"):
+        ex.export_study(study, tiny_dataset, tmp_path / "m", final_epochs=1,
+                        command_line=["test"])
+    assert not (tmp_path / "m").exists()
 
 
 def test_ensemble_needs_the_final_fit(

@@ -14,6 +14,7 @@ from fmnist_search.model import build_cnn
 from fmnist_search.training import (
     MIN_VALIDATION_BATCH,
     SHIFT_PIXELS,
+    CollapsedError,
     CosineWithinDeadline,
     augmented_batches,
     fit_config,
@@ -71,6 +72,24 @@ def test_fit_config_trains_with_and_without_augmentation(augment: bool) -> None:
                      cosine_decay=True, keep_model=True)
     assert res.epochs_run == 2 and np.isfinite(res.history["loss"]).all()
     assert res.model is not None and res.model.predict(x[:2], verbose=0).shape == (2, 10)
+
+
+def test_collapse_below_stops_the_fit_after_the_epoch() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.random((64, 28, 28, 1), dtype=np.float32)
+    y = rng.integers(0, 10, 64).astype(np.int32)
+    cfg = CnnConfig(blocks=(ConvBlock(convs=(ConvLayer(4, 3),)),), batch_size=16)
+    epochs: list[int] = []
+    res = fit_config(cfg, x, y, None, None, epochs=2, seed=0, collapse_below=0.0,
+                     on_epoch=lambda e, logs: epochs.append(e))
+    assert res.epochs_run == 2 and epochs == [0, 1]  # accuracy is never under 0
+    epochs.clear()
+    # Under 1.01 every epoch is "collapsed" but the first, which is not judged: the fit
+    # stops after the second, before its hook.
+    with pytest.raises(CollapsedError, match="after epoch 2"):
+        fit_config(cfg, x, y, None, None, epochs=3, seed=0, collapse_below=1.01,
+                   on_epoch=lambda e, logs: epochs.append(e))
+    assert epochs == [0]
 
 
 class _TestBatches(keras.callbacks.Callback):
