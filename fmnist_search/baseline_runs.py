@@ -48,7 +48,7 @@ class _Unset:
 
 
 UNSET: Any = _Unset()
-PROTOCOL_KEYS = ("epochs", "cv", "val_size", "train_subset", "seed")
+PROTOCOL_KEYS = ("epochs", "cv", "val_size", "train_subset", "seed", "interim_val_size")
 
 
 def _search_defaults() -> dict[str, Any]:
@@ -59,7 +59,11 @@ def _search_defaults() -> dict[str, Any]:
 
 def _normalise(key: str, value: Any) -> Any:
     # The search stores --train-subset 0 ("all") as None.
-    return (value or None) if key == "train_subset" else value
+    if key == "train_subset":
+        return value or None
+    if key == "interim_val_size" and value is None:  # the optuna engine's default
+        return cli.DEFAULT_INTERIM_VAL_SIZE
+    return value
 
 
 class ProtocolConflictError(Exception):

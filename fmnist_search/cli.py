@@ -54,6 +54,7 @@ def int_at_least(lo: int) -> Callable[[str], int]:
 
 
 DEFAULT_TRAIN_SUBSET = 10_000
+DEFAULT_INTERIM_VAL_SIZE = 2_000
 DEFAULT_RECYCLE = 25  # trials per worker process before it is restarted
 # Default workers: one single-threaded worker per core. On 2 cores, 2 workers x 1 thread ran
 # 1.69x the trials per hour of 1 x 2 threads (docs/benchmarks.md, workers); capped because
@@ -152,6 +153,15 @@ def add_protocol_args(p: argparse.ArgumentParser) -> None:
         default=DEFAULT_TRAIN_SUBSET,
         help="each trial trains on a stratified subset of N training images of its split "
         f"(validation images are not reduced); 0 = all (default: {DEFAULT_TRAIN_SUBSET})",
+    )
+    g.add_argument(
+        "--interim-val-size",
+        type=int_at_least(0),
+        default=None,
+        help="validation images scored after each epoch but the last, for the pruner and the "
+        "learning curves (a stratified subset); the score is every validation image after the "
+        f"last epoch; 0 = every image after every epoch (default: {DEFAULT_INTERIM_VAL_SIZE}; "
+        "0 with --engine keras-tuner, which validates as KerasTuner does)",
     )
     g.add_argument(
         "--seed",
@@ -438,6 +448,15 @@ def cmd_search(args: argparse.Namespace) -> int:
     if args.recycle_after == 0 and (args.workers or 1) > 1:
         raise UsageError("--recycle-after 0 (trials in this process) needs --workers 1")
     if args.engine == "keras-tuner":
+        if args.interim_val_size:
+            raise UsageError(
+                "--interim-val-size applies to the optuna engine; KerasTuner validates every "
+                "image after every epoch"
+            )
+        args.interim_val_size = 0
+    elif args.interim_val_size is None:
+        args.interim_val_size = DEFAULT_INTERIM_VAL_SIZE
+    if args.engine == "keras-tuner":
         if (args.workers or 1) > 1 or args.recycle_after:
             raise UsageError(
                 "--engine keras-tuner runs in one process: drop --workers/--recycle-after"
@@ -492,6 +511,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         val_size=args.val_size,
         train_subset=args.train_subset or None,
         seed=args.seed,
+        interim_val_size=args.interim_val_size,
     )
     folds = make_folds(data, protocol)
     stored_protocol = {

@@ -233,7 +233,7 @@ def check_data(study: optuna.Study, data: Dataset) -> None:
 def _search_protocol(protocol: dict[str, Any]) -> Any:
     from .objective import SearchProtocol
 
-    keys = ("epochs", "cv", "val_size", "train_subset", "seed")
+    keys = ("epochs", "cv", "val_size", "train_subset", "seed", "interim_val_size")
     return SearchProtocol(**{k: protocol[k] for k in keys if k in protocol})
 
 
@@ -483,23 +483,13 @@ def _fit(
     deadline_s: float | None = None,
     collapse_below: float | None = None,
 ) -> Any:
-    """fit_config with progress reporting; with validation data, keeps the best epoch's weights.
+    """fit_config with progress reporting.
 
-    Without validation data (the final fit), the learning rate follows a cosine to 0 and,
-    with `deadline_s`, the fit plans fewer epochs if they run too slow for it."""
-    import keras
-
+    With validation data (the trial's own protocol) the model is the last epoch's, whose
+    accuracy on every validation image is the trial's score. Without (the final fit), the
+    learning rate follows a cosine to 0 and, with `deadline_s`, the fit plans fewer epochs
+    if they run too slow for it."""
     from .training import fit_config
-
-    callbacks: list[keras.callbacks.Callback] = []
-    if x_val is not None:
-        # patience > epochs: never stops early, only restores the peak epoch's weights, i.e.
-        # the weights whose validation accuracy is the trial's score.
-        callbacks.append(
-            keras.callbacks.EarlyStopping(
-                monitor="val_accuracy", mode="max", patience=epochs + 1, restore_best_weights=True
-            )
-        )
 
     def on_epoch(e: int, logs: dict[str, float]) -> None:
         if progress:
@@ -515,7 +505,7 @@ def _fit(
     return fit_config(
         cfg, x, y, x_val, y_val, epochs=epochs, seed=seed, num_classes=num_classes,
         on_epoch=on_epoch, on_batch=progress.batch_done if progress else None,
-        callbacks=callbacks, keep_model=True,
+        keep_model=True,
         # The final fit (no validation data) anneals the trial's learning rate to 0 with a
         # cosine: the usual last step of training, worth a few tenths of a point here.
         cosine_decay=x_val is None,
@@ -588,7 +578,7 @@ def export_study(
         trial_number: Export this trial (must be COMPLETE) instead of the best one.
         final_epochs: Epochs of the final fit; default from the trial's peak epoch (README).
         final_fit: False retrains with the trial's own protocol (its training split, its
-            epochs, its seed) and keeps the peak epoch's weights, instead of all images.
+            epochs, its seed) and keeps the last epoch's weights, instead of all images.
         final_minutes: Time budget of the default final epochs (None: no budget).
         augment: Final fit only: flip and shift the training images at random each epoch
             (`training.augmented_batches`); the search itself never augments.
@@ -780,12 +770,11 @@ def export_study(
                 "the search does not store weights, so this model was retrained with the trial's "
                 f"own protocol: the same {len(tr)} training images"
                 + (" (fold 1 of the K folds)" if sp.cv >= 2 else "")
-                + f", {sp.epochs} epoch(s), seed {seed}; the weights are those of the epoch "
-                f"with the best validation accuracy (epoch {res.best_epoch}, "
-                f"{res.best_val_accuracy:.4f} vs the search's {accuracy_of(trial) or 0:.4f})"
+                + f", {sp.epochs} epoch(s), seed {seed}; the weights are those after the last "
+                f"epoch, as the trial was scored ({res.final_val_accuracy:.4f} on the "
+                f"validation images vs the search's {accuracy_of(trial) or 0:.4f})"
             )
-            card["reproduced_val_accuracy"] = res.best_val_accuracy
-            card["reproduced_best_epoch"] = res.best_epoch
+            card["reproduced_val_accuracy"] = res.final_val_accuracy
             train_images = len(tr)
     except InvalidConfigError as e:
         raise ExportError(f"trial {current.number}: cannot build its config: {e}") from None

@@ -277,7 +277,7 @@ class _Engine:
             rec.fail_reason = "interrupted (Ctrl-C)"
         elif rec.fail_reason is None and trial.status not in ("COMPLETED", "RUNNING"):
             rec.fail_reason = _last_line(trial.message) or f"KerasTuner marked it {trial.status}"
-        elif rec.fail_reason is None and not intermediate:
+        elif rec.fail_reason is None and (not intermediate or not math.isfinite(val[-1])):
             rec.fail_reason = "no validation score"
         if rec.fail_reason is not None:
             if rec.fail_reason.startswith("diverged"):
@@ -299,11 +299,12 @@ class _Engine:
                     user_attrs=ua, intermediate_values=intermediate,
                 )
             else:
+                # The protocol's score: every validation image after the last epoch.
                 ua["end"] = "complete"
-                ua["fold_scores"] = [round(val[best_i], 6)]
+                ua["fold_scores"] = [round(val[-1], 6)]
                 ua["val_accuracy_std"] = 0.0
                 frozen = optuna.trial.create_trial(
-                    state=TrialState.COMPLETE, value=float(val[best_i]), params=params,
+                    state=TrialState.COMPLETE, value=float(val[-1]), params=params,
                     distributions=dists, user_attrs=ua, intermediate_values=intermediate,
                 )
         if rec.number >= 0:

@@ -34,6 +34,9 @@ class FitResult:
     history: dict[str, list[float]] = field(default_factory=dict)
     best_val_accuracy: float = float("nan")
     best_epoch: int = 0  # 1-based
+    # Accuracy on every validation image after the last epoch (the search's score); NaN
+    # when the fit stopped early or had no validation set.
+    final_val_accuracy: float = float("nan")
     epochs_run: int = 0
     wall_time: float = 0.0
     params: int = 0
@@ -50,6 +53,7 @@ class _Hooks(keras.callbacks.Callback):
     def __init__(
         self, on_epoch: EpochHook | None, on_batch: BatchHook | None, steps: int,
         schedule: CosineWithinDeadline | None = None, collapse_below: float | None = None,
+        hold_epoch: int | None = None,
     ):
         super().__init__()
         self._on_epoch = on_epoch
@@ -57,6 +61,9 @@ class _Hooks(keras.callbacks.Callback):
         self._steps = steps
         self._schedule = schedule
         self._collapse_below = collapse_below
+        # The 0-based epoch whose report waits for `release` (its validation runs after fit).
+        self._hold_epoch = hold_epoch
+        self.held: dict[str, float] | None = None
         self._epoch = 0
 
     def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
@@ -78,11 +85,18 @@ class _Hooks(keras.callbacks.Callback):
             raise CollapsedError(
                 f"training accuracy {float(acc):.4f} after epoch {epoch + 1}, about chance"
             )
-        if self._on_epoch is not None:
-            out = {k: float(v) for k, v in (logs or {}).items()}
-            if self._schedule is not None:  # the plan may have just been cut
-                out["epochs_planned"] = float(self._schedule.planned)
+        out = {k: float(v) for k, v in (logs or {}).items()}
+        if self._schedule is not None:  # the plan may have just been cut
+            out["epochs_planned"] = float(self._schedule.planned)
+        if epoch == self._hold_epoch:
+            self.held = out
+        elif self._on_epoch is not None:
             self._on_epoch(epoch, out)
+
+    def release(self, extra: dict[str, float]) -> None:
+        """Report the held epoch, with `extra` (its validation scores) added to its logs."""
+        if self.held is not None and self._on_epoch is not None and self._hold_epoch is not None:
+            self._on_epoch(self._hold_epoch, {**self.held, **extra})
 
 
 class CosineWithinDeadline(keras.callbacks.Callback):
@@ -263,6 +277,7 @@ def fit_config(
     deadline_s: float | None = None,
     augment: bool = False,
     collapse_below: float | None = None,
+    interim_val: np.ndarray | None = None,
 ) -> FitResult:
     """Build `cfg` with weights seeded by `seed`, train it, and return its history.
 
@@ -274,6 +289,11 @@ def fit_config(
     within that many seconds (`CosineWithinDeadline`); with `augment` every epoch sees the
     training images randomly flipped and shifted; with `collapse_below` the fit stops with
     CollapsedError after an epoch (past the first) whose training accuracy is under it.
+    With `interim_val` (indices into the validation set) the epochs before the last are
+    validated on those images only, and the last on every image, once, after the fit:
+    `final_val_accuracy` is that score, and the last epoch's `val_accuracy` in the history
+    (and in `on_epoch`'s logs) is the subset's, from the same pass, so the curve is on one
+    set throughout.
     Raises DivergedError on a NaN/inf loss, InvalidConfigError for an unbuildable config.
     """
     keras.utils.set_random_seed(seed)
@@ -283,7 +303,14 @@ def fit_config(
         CosineWithinDeadline(cfg.learning_rate, epochs, steps, deadline_s)
         if cosine_decay else None
     )
-    hooks = _Hooks(on_epoch, on_batch, steps, schedule, collapse_below)
+    interim = interim_val is not None and x_val is not None and y_val is not None
+    val_data: tuple[np.ndarray, np.ndarray] | None = None
+    if interim and epochs > 1:
+        val_data = (x_val[interim_val], y_val[interim_val])  # type: ignore[index]
+    elif not interim and x_val is not None and y_val is not None:
+        val_data = (x_val, y_val)
+    hooks = _Hooks(on_epoch, on_batch, steps, schedule, collapse_below,
+                   hold_epoch=epochs - 1 if interim else None)
     start = time.perf_counter()
     result = FitResult(params=int(model.count_params()))
     try:
@@ -296,12 +323,17 @@ def fit_config(
         hist = model.fit(
             **inputs,
             epochs=epochs,
-            validation_data=(x_val, y_val) if x_val is not None else None,
+            validation_data=val_data,
             validation_batch_size=validation_batch_size(cfg),
+            # With `interim_val` the last epoch is validated below, on every image.
+            validation_freq=list(range(1, epochs)) if interim else 1,
             callbacks=[*([schedule] if schedule else []), hooks, *callbacks],
             verbose=0,
         )
         result.history = {k: [float(v) for v in vs] for k, vs in hist.history.items()}
+        if interim and len(result.history.get("loss", [])) == epochs:
+            sub = _final_validation(model, cfg, x_val, y_val, interim_val, result)  # type: ignore[arg-type]
+            hooks.release(sub)
     finally:
         result.wall_time = time.perf_counter() - start
         # Keras keeps the history on the model even when a callback raised.
@@ -315,4 +347,27 @@ def fit_config(
     if val:
         result.best_epoch = int(np.argmax(val)) + 1
         result.best_val_accuracy = float(val[result.best_epoch - 1])
+        if not interim:
+            result.final_val_accuracy = float(val[-1])
     return result
+
+
+def _final_validation(
+    model: keras.Model, cfg: CnnConfig, x_val: np.ndarray, y_val: np.ndarray,
+    subset: np.ndarray, result: FitResult,
+) -> dict[str, float]:
+    """One forward pass over every validation image after the last epoch.
+
+    Sets `result.final_val_accuracy` (every image), appends the subset's accuracy and loss
+    to the history, and returns those two as the last epoch's validation logs.
+    """
+    probs = np.asarray(model.predict(x_val, batch_size=validation_batch_size(cfg), verbose=0))
+    y = np.asarray(y_val).astype(int)
+    hit = np.argmax(probs, axis=1) == y
+    # Keras' sparse categorical cross-entropy on probabilities clips them the same way.
+    nll = -np.log(np.clip(probs[np.arange(len(y)), y], 1e-7, 1.0))
+    result.final_val_accuracy = float(hit.mean())
+    sub = {"val_accuracy": float(hit[subset].mean()), "val_loss": float(nll[subset].mean())}
+    for k, v in sub.items():
+        result.history.setdefault(k, []).append(v)
+    return sub

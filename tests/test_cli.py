@@ -244,6 +244,9 @@ def test_keras_tuner_engine_from_the_command_line(
     ]
     assert main(["--engine", "keras-tuner", "--workers", "2", *common]) == 2
     assert main(["--engine", "keras-tuner", "--cv", "3", *common]) == 2
+    # KerasTuner validates every image after every epoch: no interim subset.
+    assert main(["--engine", "keras-tuner", "--interim-val-size", "500", *common]) == 2
+    assert "--interim-val-size applies to the optuna engine" in capsys.readouterr().err
     code = main(
         [
             "--engine",
@@ -263,3 +266,4 @@ def test_keras_tuner_engine_from_the_command_line(
     study = optuna.load_study(study_name="kt", storage=st.default_storage(tmp_path, "kt"))
     assert len(study.trials) == 2
     assert all(t.user_attrs["engine"] == "keras-tuner/random" for t in study.trials)
+    assert study.user_attrs["protocol"]["interim_val_size"] == 0

@@ -66,7 +66,32 @@ def test_holdout_trial_completes_with_attributes(tiny_dataset: Dataset) -> None:
     hist = json.loads(ua["history"])
     assert len(hist) == 1 and len(hist[0]["val_accuracy"]) == 2
     assert sorted(t.intermediate_values) == [1, 2]
-    assert t.value == pytest.approx(max(hist[0]["val_accuracy"]), abs=1e-5)
+    # Fewer validation images than the interim subset: every image after every epoch.
+    assert t.value == pytest.approx(hist[0]["val_accuracy"][-1], abs=1e-5)
+
+
+def test_interim_subset_changes_what_is_validated_not_the_score(tiny_dataset: Dataset) -> None:
+    """Epochs before the last are scored on the subset; the score is every validation
+    image after the last epoch, the same as validating everything every epoch."""
+    scores = {}
+    for n in (0, 12):
+        protocol = SearchProtocol(epochs=2, seed=1, interim_val_size=n)
+        folds = make_folds(tiny_dataset, protocol)
+        study = _study()
+        study.optimize(Objective(folds, SMALL, protocol, config_fn=lambda t: TINY_CFG), n_trials=1)
+        t = study.trials[0]
+        assert t.state == TrialState.COMPLETE and sorted(t.intermediate_values) == [1, 2]
+        hist = json.loads(t.user_attrs["history"])[0]
+        assert len(hist["val_accuracy"]) == len(hist["val_loss"]) == 2
+        scores[n] = (t.value, hist["val_accuracy"], t.intermediate_values)
+    n_val = len(folds.splits[0][1])
+    assert n_val > 12
+    assert scores[12][0] == pytest.approx(scores[0][0], abs=1e-6)
+    # The subset's scores are multiples of 1/12; the whole set's of 1/n_val.
+    for acc in scores[12][1]:
+        assert acc * 12 == pytest.approx(round(acc * 12), abs=1e-4)
+    assert scores[12][2][2] == pytest.approx(scores[12][1][-1], abs=1e-6)
+    assert scores[0][2][2] == pytest.approx(scores[0][0], abs=1e-6)
 
 
 def test_pruned_trial_stops_and_records(tiny_dataset: Dataset) -> None:

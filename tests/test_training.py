@@ -119,6 +119,31 @@ def test_validation_runs_in_large_batches_with_the_same_score() -> None:
     assert res.history["val_accuracy"][-1] == pytest.approx(acc, abs=1e-6)
 
 
+def test_interim_validation_scores_a_subset_then_every_image_once() -> None:
+    rng = np.random.default_rng(1)
+    x = rng.random((64, 28, 28, 1), dtype=np.float32)
+    y = rng.integers(0, 10, 64).astype(np.int32)
+    xv = rng.random((700, 28, 28, 1), dtype=np.float32)
+    yv = rng.integers(0, 10, 700).astype(np.int32)
+    subset = np.arange(0, 700, 7)  # 100 images
+    cfg = CnnConfig(blocks=(ConvBlock(convs=(ConvLayer(4, 3),)),), batch_size=16)
+    batches = _TestBatches()
+    seen: list[tuple[int, float]] = []
+    res = fit_config(cfg, x, y, xv, yv, epochs=3, seed=0, callbacks=[batches], keep_model=True,
+                     interim_val=subset, on_epoch=lambda e, logs: seen.append(
+                         (e, logs["val_accuracy"])))
+    assert batches.count == 2  # epochs 1 and 2, the subset in one batch each; none for 3
+    assert [e for e, _ in seen] == [0, 1, 2]
+    assert [a for _, a in seen] == pytest.approx(res.history["val_accuracy"], abs=1e-9)
+    assert len(res.history["val_loss"]) == 3 and res.epochs_run == 3
+    assert res.model is not None
+    loss, acc = res.model.evaluate(xv[subset], yv[subset], batch_size=512, verbose=0)
+    assert res.history["val_accuracy"][-1] == pytest.approx(acc, abs=1e-6)
+    assert res.history["val_loss"][-1] == pytest.approx(loss, rel=1e-4)
+    _, acc_all = res.model.evaluate(xv, yv, batch_size=512, verbose=0)
+    assert res.final_val_accuracy == pytest.approx(acc_all, abs=1e-6)
+
+
 class _Rates(keras.callbacks.Callback):
     """Records the learning rate each training step runs with."""
 
