@@ -346,10 +346,29 @@ def fit_config(
     val = result.history.get("val_accuracy", [])
     if val:
         result.best_epoch = int(np.argmax(val)) + 1
+        if interim and len(val) == epochs:
+            result.best_epoch = _interim_peak(val, len(interim_val))  # type: ignore[arg-type]
         result.best_val_accuracy = float(val[result.best_epoch - 1])
         if not interim:
             result.final_val_accuracy = float(val[-1])
     return result
+
+
+def _interim_peak(curve: Sequence[float], n: int) -> int:
+    """The 1-based peak epoch of a curve scored on `n` images: the last epoch, unless an
+    earlier one beats it by more than one standard error of an accuracy on `n` images.
+
+    On a 2,000-image subset that error is about 0.8 points, as large as a good trial's
+    gain from its second epoch to its third (0.4-1.6 points on 10,000 images in the
+    headline runs); by plain argmax, noise would often call a still-improving trial
+    peaked, and the final fit would plan a third of the epochs for it.
+    """
+    last = curve[-1]
+    se = math.sqrt(max(last * (1.0 - last), 1.0 / n) / n)
+    earlier = int(np.argmax(curve[:-1])) if len(curve) > 1 else 0
+    if len(curve) > 1 and curve[earlier] > last + se:
+        return earlier + 1
+    return len(curve)
 
 
 def _final_validation(

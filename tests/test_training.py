@@ -144,6 +144,16 @@ def test_interim_validation_scores_a_subset_then_every_image_once() -> None:
     assert res.final_val_accuracy == pytest.approx(acc_all, abs=1e-6)
 
 
+def test_interim_peak_needs_more_than_noise_to_beat_the_last_epoch() -> None:
+    from fmnist_search.training import _interim_peak
+
+    # 2,000 images at 0.80: one standard error is about 0.9 points.
+    assert _interim_peak([0.70, 0.805, 0.80], 2000) == 3
+    assert _interim_peak([0.70, 0.82, 0.80], 2000) == 2
+    assert _interim_peak([0.83, 0.81, 0.80], 2000) == 1
+    assert _interim_peak([0.5], 2000) == 1
+
+
 class _Rates(keras.callbacks.Callback):
     """Records the learning rate each training step runs with."""
 
