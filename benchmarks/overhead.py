@@ -171,7 +171,10 @@ def main() -> int:
                      "repeats": args.repeats, "config": cfg.summary(), "params": params,
                      "batch_size": cfg.batch_size,
                      "tool_validation_batch": validation_batch_size(cfg),
-                     "interim_val_images": protocol.interim_val_size},
+                     # The interim subset in effect (0: every image after every epoch).
+                     "interim_val_images": protocol.interim_val_size
+                     if 0 < protocol.interim_val_size < len(va) and protocol.epochs > 1
+                     else 0},
         "runs_s": runs,
         "median_s": med,
         "overhead_pct": 100 * (med["tool"] - med["bare"]) / med["bare"],

@@ -94,7 +94,10 @@ def child(args: Any) -> int:
     method = METHODS[args.child]
     data = common.load_data(args.data_dir)
     protocol = SearchProtocol(epochs=args.epochs, val_size=args.val_size,
-                              train_subset=args.train_subset, seed=args.seed)
+                              train_subset=args.train_subset, seed=args.seed,
+                              # KerasTuner validates every image after every epoch, as the
+                              # CLI's keras-tuner engine does; ours use the interim subset.
+                              interim_val_size=0 if "algorithm" in method else 2_000)
     folds = make_folds(data, protocol)
     space = SearchSpace()
     name = f"{args.child}-s{args.seed}"

@@ -203,6 +203,10 @@ def run(args: argparse.Namespace) -> int:
             err(str(e))
             return EXIT_RUNTIME
         main_protocol = (study_user_attrs(storage, args.study_name) or {}).get("protocol")
+    if main_protocol is not None and "score" not in main_protocol:
+        err(f"study {args.study_name!r} was made by an older version, which scored trials at "
+            "their best epoch (now: the last); search into a new --study-name")
+        return EXIT_RUNTIME
     try:
         settings, space = resolve_protocol(args, main_protocol, given_space)
     except ProtocolConflictError as e:
@@ -223,9 +227,9 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_RUNTIME
     protocol = SearchProtocol(**settings)
     stored = study_protocol(protocol, space, data)
-    if main_protocol is not None and stored != main_protocol:
+    diff = st.protocol_differences(main_protocol, stored) if main_protocol is not None else []
+    if diff:
         # The flags agree (checked above), so the data differ.
-        diff = sorted(k for k in stored if stored.get(k) != main_protocol.get(k))
         err(
             f"the data in {data.source_dir} differ from study {args.study_name!r}'s "
             f"({', '.join(diff)}): pass the --data-dir the study was searched on"
@@ -242,9 +246,9 @@ def run(args: argparse.Namespace) -> int:
     battrs = study_user_attrs(storage, bname)
     if battrs is not None and args.replace:
         optuna.delete_study(study_name=bname, storage=storage)
-    elif battrs is not None and battrs.get("protocol") not in (None, stored):
-        old = battrs["protocol"]
-        diff = sorted(k for k in set(old) | set(stored) if old.get(k) != stored.get(k))
+    elif battrs is not None and battrs.get("protocol") is not None and (
+        diff := st.protocol_differences(battrs["protocol"], stored)
+    ):
         err(
             f"the baselines in {bname!r} were measured under another protocol "
             f"({', '.join(diff)} differ): pass --replace to discard them and measure again"

@@ -13,10 +13,15 @@ same search is run again, as the Optuna engine resumes its study.
 Hyperband: a trial given fewer epochs than the protocol's is the counterpart of a trial the
 Optuna engine's pruner stops, and is recorded PRUNED (`pruned_at_step`). When KerasTuner
 promotes it, the continuation is a new trial (`kt_resumed_from`) that starts from its
-checkpoint; its history and intermediate values include the parent's epochs, so its score is
-the best epoch of the whole run, while `epochs_run` counts only the epochs it trained itself.
-(KerasTuner reloads the parent's best-epoch weights into a fresh optimizer: the optimizer's
-state restarts, as in any KerasTuner Hyperband.)
+checkpoint; its history and intermediate values include the parent's epochs, while
+`epochs_run` counts only the epochs it trained itself. (KerasTuner reloads the parent's
+best-epoch weights into a fresh optimizer: the optimizer's state restarts, as in any
+KerasTuner Hyperband.)
+
+Scores follow the study's protocol: every validation image after the last epoch, which is
+also what each trial hands back to KerasTuner's oracle (by default it would rank a trial by
+its best epoch). Every epoch is validated on every image, as KerasTuner does: the trials
+record `interim_val_size` 0.
 """
 
 from __future__ import annotations
@@ -35,7 +40,6 @@ from typing import Any
 
 import keras
 import keras_tuner as kt
-import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
@@ -47,7 +51,7 @@ from . import session
 from . import study as st
 from .model import build_cnn, count_params
 from .objective import Folds, ProgressSink, SearchProtocol
-from .training import DivergedError, _Hooks, validation_batch_size
+from .training import DivergedError, _Hooks, peak_epoch, validation_batch_size
 
 ALGORITHMS = ("hyperband", "bayesian", "random")
 TENSORBOARD_HINT = "keras-tuner needs the tensorboard package: pip install tensorboard"
@@ -248,7 +252,8 @@ class _Engine:
         return None
 
     def _frozen(self, trial: Any, rec: _Record, interrupted: bool) -> FrozenTrial:
-        ua: dict[str, Any] = {"engine": self.engine, "kt_trial_id": str(trial.trial_id)}
+        ua: dict[str, Any] = {"engine": self.engine, "kt_trial_id": str(trial.trial_id),
+                              "interim_val_size": 0}
         params: dict[str, Any] = {}
         dists: dict[str, optuna.distributions.BaseDistribution] = {}
         cfg = rec.cfg
@@ -288,8 +293,7 @@ class _Engine:
                 intermediate_values=intermediate,
             )
         else:
-            best_i = int(np.nanargmax(val))
-            ua["best_epoch"] = offset + best_i + 1
+            ua["best_epoch"] = offset + peak_epoch(val, len(self.y_val))
             if rec.budget < self.protocol.epochs:
                 # Stopped before the protocol's epochs: what the Optuna engine calls pruned.
                 ua["end"] = "pruned"
@@ -361,12 +365,14 @@ class CnnHyperModel(kt.HyperModel):
         steps = math.ceil(len(e.x_train) / rec.cfg.batch_size)
         # The Optuna engine's NaN guard and progress hooks, before KerasTuner's callbacks.
         hooks = _Hooks(e.on_epoch, e.on_batch, steps)
-        return model.fit(
+        hist = model.fit(
             e.x_train, e.y_train, batch_size=rec.cfg.batch_size, epochs=epochs,
             initial_epoch=initial_epoch, validation_data=(e.x_val, e.y_val),
             validation_batch_size=validation_batch_size(rec.cfg),
             callbacks=[hooks, *callbacks], verbose=0, shuffle=True,
         )
+        # The last epoch's metrics: the protocol's score is the model as trained.
+        return {k: float(v[-1]) for k, v in hist.history.items() if v}
 
 
 def _tuner_class(base: Any) -> Any:

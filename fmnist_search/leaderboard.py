@@ -31,7 +31,7 @@ COLUMNS = [
     "trial",  # the trial number, or the baseline's name
     "kind",  # "trial" or "baseline"
     "architecture",
-    "val_accuracy",  # best epoch's validation accuracy; the mean over folds under K-fold
+    "val_accuracy",  # every validation image after the last epoch; mean over folds under K-fold
     "val_std",  # std over folds (0 for a holdout split)
     "params",
     "epochs",
@@ -514,18 +514,17 @@ def load_baseline_trials(
     """
     import optuna
 
-    if isinstance(storage, str):
-        from .study import make_storage
+    from .study import make_storage, protocol_differences
 
+    if isinstance(storage, str):
         storage = make_storage(storage)
     ours = study_user_attrs(storage, baseline_study_name(study_name))
     if ours is None:
         return []
     bname = baseline_study_name(study_name)
     main = (study_user_attrs(storage, study_name) or {}).get("protocol")
-    if main is not None and ours.get("protocol") != main:
-        mine = ours.get("protocol") or {}
-        diff = sorted(k for k in set(mine) | set(main) if mine.get(k) != main.get(k))
+    diff = protocol_differences(ours.get("protocol") or {}, main) if main is not None else []
+    if diff:
         (warn or _stderr_warning)(
             f"baselines in {bname!r} were measured under another protocol ({', '.join(diff)} "
             f"differ): left out; remeasure with `run_search.py baselines --study-name "

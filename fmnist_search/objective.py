@@ -33,6 +33,11 @@ class TrialFailedError(RuntimeError):
     """A trial that could not produce a score; its reason is stored as `fail_reason`."""
 
 
+# Stored with every study's protocol: studies made before trials were scored this way (at
+# their best epoch) lack it and are not continued.
+SCORE = "last epoch, every validation image"
+
+
 @dataclass(frozen=True)
 class SearchProtocol:
     """What makes two scores comparable: same data split, folds, epochs and seed.
@@ -59,6 +64,7 @@ class SearchProtocol:
             "train_subset": self.train_subset,
             "seed": self.seed,
             "interim_val_size": self.interim_val_size,
+            "score": SCORE,
         }
 
     @property
@@ -259,6 +265,7 @@ class Objective:
 
             if self.progress:
                 self.progress.epoch_started(trial.number, f * epochs + 1, p.steps)
+            interim = self._interim(y_va, f)
             try:
                 res = fit_config(
                     cfg,
@@ -272,12 +279,13 @@ class Objective:
                     num_classes=self.folds.num_classes,
                     on_epoch=on_epoch,
                     on_batch=self.progress.batch_done if self.progress else None,
-                    interim_val=self._interim(y_va, f),
+                    interim_val=interim,
                 )
             except DivergedError as e:
                 store("diverged")
                 trial.set_user_attr("fail_reason", f"diverged: {e}")
                 raise TrialFailedError(f"diverged: {e}") from None
+            trial.set_user_attr("interim_val_size", 0 if interim is None else len(interim))
             fold_scores.append(res.final_val_accuracy)
             fold_ends.append(res.history.get("val_accuracy", [float("nan")])[-1])
             best_epochs.append(res.best_epoch)

@@ -296,7 +296,9 @@ def fig_curves(
     sec.image = _png(fig)
     sec.notes.append(
         f"The {len(best)} best complete trials in colour; pruned trials in grey, "
-        "up to where they were stopped."
+        "up to where they were stopped. Each point is scored on the images validated after "
+        "every epoch (`--interim-val-size`, a stratified subset unless 0); the legend gives "
+        "each trial's score, on every validation image after its last epoch."
     )
     return sec
 
@@ -645,6 +647,10 @@ def _protocol_html(protocol: dict[str, Any]) -> str:
         ("split", split),
         ("epochs per trial (per fold)", protocol.get("epochs")),
         ("training subset", f"{subset} images per split" if subset else "all training images"),
+        ("validation before the last epoch",
+         f"{protocol['interim_val_size']} images (stratified subset)"
+         if protocol.get("interim_val_size") else "every validation image"),
+        ("score", protocol.get("score") or "best epoch, every validation image (older study)"),
         ("seed", protocol.get("seed")),
         ("classes", ", ".join(map(str, protocol.get("class_names") or []))),
     ]

@@ -203,14 +203,31 @@ def open_study(
     stored = study.user_attrs.get("protocol")
     if stored is None:
         study.set_user_attr("protocol", protocol)
-    elif stored != protocol:
-        diff = sorted(k for k in set(stored) | set(protocol) if stored.get(k) != protocol.get(k))
+    elif "score" in protocol and "score" not in stored:
+        raise StudyError(
+            f"study {study_name!r} was made by an older version, which scored trials at their "
+            "best epoch (now: the last); choose a new --study-name"
+        )
+    elif diff := protocol_differences(stored, protocol):
         shown = ", ".join(f"{k}={stored.get(k)!r} (now {protocol.get(k)!r})" for k in diff)
         raise StudyError(
             f"study {study_name!r} was created with another protocol: {shown}; "
             "rerun with the same settings or choose a new --study-name"
         )
     return study
+
+
+# Protocol entries that do not change what a score means: how many validation images the
+# epochs before the last are scored on (the pruner's and the curves' view) may differ
+# between runs of one study, and the KerasTuner engine always validates every image.
+NON_BINDING = frozenset({"interim_val_size"})
+
+
+def protocol_differences(stored: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """The protocol keys whose values differ, leaving out NON_BINDING ones."""
+    return sorted(
+        k for k in set(stored) | set(now) if k not in NON_BINDING and stored.get(k) != now.get(k)
+    )
 
 
 def trials_with_annotations(study: optuna.Study) -> list[FrozenTrial]:

@@ -25,6 +25,7 @@ from fmnist_search.kt_engine import TENSORBOARD_HINT, KerasTunerError, run_keras
 from fmnist_search.leaderboard import leaderboard
 from fmnist_search.objective import Folds, Objective, SearchProtocol, make_folds
 from fmnist_search.progress import SearchProgress
+from fmnist_search.training import peak_epoch
 from searchspace import CnnConfig, SearchSpace, space_from_dict, suggest_config
 from searchspace.keras_tuner import config_from_hp, draw_params
 
@@ -37,7 +38,7 @@ TINY = space_from_dict(
 )
 # Objective's user attributes for a complete holdout trial: the KerasTuner engine writes them too.
 OBJECTIVE_ATTRS = {"config", "summary", "params", "epochs_run", "wall_time", "history", "end",
-                   "fold_scores", "val_accuracy_std", "best_epoch"}
+                   "fold_scores", "val_accuracy_std", "best_epoch", "interim_val_size"}
 
 
 def _open(
@@ -151,6 +152,7 @@ def test_random_search_trials_land_in_the_study_like_objective_trials(
         ua = t.user_attrs
         assert OBJECTIVE_ATTRS <= set(ua)
         assert ua["engine"] == "keras-tuner/random" and ua["kt_trial_id"]
+        assert ua["interim_val_size"] == 0  # KerasTuner validates every image every epoch
         assert ua["epochs_run"] == 2 and ua["end"] == "complete" and ua["params"] > 0
         hist = json.loads(ua["history"])
         ref_hist = json.loads(ref.trials[0].user_attrs["history"])
@@ -158,7 +160,9 @@ def test_random_search_trials_land_in_the_study_like_objective_trials(
         assert len(hist[0]["val_accuracy"]) == 2 and sorted(t.intermediate_values) == [1, 2]
         # The protocol's score: the last epoch's, on every validation image.
         assert t.value == pytest.approx(hist[0]["val_accuracy"][-1], abs=1e-5)
-        assert ua["best_epoch"] == int(np.argmax(hist[0]["val_accuracy"])) + 1
+        # As the Optuna engine: the last epoch unless an earlier one is clearly better.
+        n_val = len(folds.splits[0][1])
+        assert ua["best_epoch"] == peak_epoch(hist[0]["val_accuracy"], n_val)
         # Params and distributions are exactly those of suggest_config on the same values.
         fixed = FixedTrial(t.params)
         assert suggest_config(fixed, TINY) == CnnConfig.from_json(ua["config"])

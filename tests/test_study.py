@@ -102,6 +102,24 @@ def test_protocol_change_is_refused(tmp_path: Path) -> None:
         _open(url, {"epochs": 2, "seed": 0})
 
 
+def test_interim_validation_size_may_change_but_not_the_score(tmp_path: Path) -> None:
+    from fmnist_search.objective import SearchProtocol
+
+    url = st.default_storage(tmp_path, "s")
+    _open(url, SearchProtocol(interim_val_size=2000).to_dict())
+    # Another interim subset (or the KerasTuner engine's 0) continues the study.
+    study = _open(url, SearchProtocol(interim_val_size=0).to_dict())
+    assert study.user_attrs["protocol"]["interim_val_size"] == 2000
+    # A study stored by a version that scored trials at their best epoch is not continued.
+    old = SearchProtocol().to_dict()
+    del old["score"]
+    url2 = st.default_storage(tmp_path, "old")
+    st.open_study(url2, "old", st.make_sampler("tpe", 0), st.make_pruner("none", 1), old)
+    with pytest.raises(st.StudyError, match="older version.*best epoch.*new --study-name"):
+        st.open_study(url2, "old", st.make_sampler("tpe", 0), st.make_pruner("none", 1),
+                      SearchProtocol().to_dict())
+
+
 def test_stale_running_trial_is_failed(tmp_path: Path) -> None:
     study = _open(st.default_storage(tmp_path, "s"))
     study.ask()  # left RUNNING, as by a killed process

@@ -144,14 +144,38 @@ def test_interim_validation_scores_a_subset_then_every_image_once() -> None:
     assert res.final_val_accuracy == pytest.approx(acc_all, abs=1e-6)
 
 
+def test_interim_validation_after_an_early_stop_scores_the_model_as_it_is() -> None:
+    rng = np.random.default_rng(2)
+    x = rng.random((48, 28, 28, 1), dtype=np.float32)
+    y = rng.integers(0, 10, 48).astype(np.int32)
+    xv = rng.random((50, 28, 28, 1), dtype=np.float32)
+    yv = rng.integers(0, 10, 50).astype(np.int32)
+    cfg = CnnConfig(blocks=(ConvBlock(convs=(ConvLayer(4, 3),)),), batch_size=16)
+
+    class StopAfter2(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+            if epoch == 1:
+                self.model.stop_training = True
+
+    res = fit_config(cfg, x, y, xv, yv, epochs=4, seed=0, callbacks=[StopAfter2()],
+                     keep_model=True, interim_val=np.arange(10))
+    assert res.epochs_run == 2 and len(res.history["val_accuracy"]) == 2
+    assert res.model is not None
+    _, acc_all = res.model.evaluate(xv, yv, batch_size=512, verbose=0)
+    assert res.final_val_accuracy == pytest.approx(acc_all, abs=1e-6)
+    with pytest.raises(ValueError, match="exclude"):
+        fit_config(cfg, x, y, xv, yv, epochs=1, seed=0, interim_val=np.arange(10),
+                   cosine_decay=True, deadline_s=10.0)
+
+
 def test_interim_peak_needs_more_than_noise_to_beat_the_last_epoch() -> None:
-    from fmnist_search.training import _interim_peak
+    from fmnist_search.training import peak_epoch
 
     # 2,000 images at 0.80: one standard error is about 0.9 points.
-    assert _interim_peak([0.70, 0.805, 0.80], 2000) == 3
-    assert _interim_peak([0.70, 0.82, 0.80], 2000) == 2
-    assert _interim_peak([0.83, 0.81, 0.80], 2000) == 1
-    assert _interim_peak([0.5], 2000) == 1
+    assert peak_epoch([0.70, 0.805, 0.80], 2000) == 3
+    assert peak_epoch([0.70, 0.82, 0.80], 2000) == 2
+    assert peak_epoch([0.83, 0.81, 0.80], 2000) == 1
+    assert peak_epoch([0.5], 2000) == 1
 
 
 class _Rates(keras.callbacks.Callback):
