@@ -266,6 +266,8 @@ class Objective:
             if self.progress:
                 self.progress.epoch_started(trial.number, f * epochs + 1, p.steps)
             interim = self._interim(y_va, f)
+            if f == 0:  # how this trial's epochs before the last were validated
+                trial.set_user_attr("interim_val_size", 0 if interim is None else len(interim))
             try:
                 res = fit_config(
                     cfg,
@@ -285,7 +287,6 @@ class Objective:
                 store("diverged")
                 trial.set_user_attr("fail_reason", f"diverged: {e}")
                 raise TrialFailedError(f"diverged: {e}") from None
-            trial.set_user_attr("interim_val_size", 0 if interim is None else len(interim))
             fold_scores.append(res.final_val_accuracy)
             fold_ends.append(res.history.get("val_accuracy", [float("nan")])[-1])
             best_epochs.append(res.best_epoch)

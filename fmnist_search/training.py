@@ -34,8 +34,8 @@ class FitResult:
     history: dict[str, list[float]] = field(default_factory=dict)
     best_val_accuracy: float = float("nan")
     best_epoch: int = 0  # 1-based
-    # Accuracy on every validation image after the last epoch (the search's score); NaN
-    # when the fit stopped early or had no validation set.
+    # Accuracy on every validation image after the last epoch run (the search's score);
+    # NaN without a validation set.
     final_val_accuracy: float = float("nan")
     epochs_run: int = 0
     wall_time: float = 0.0
