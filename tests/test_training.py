@@ -103,14 +103,21 @@ class _TestBatches(keras.callbacks.Callback):
         self.count += 1
 
 
+def _noise(seed: int, n_train: int, n_val: int) -> tuple[np.ndarray, ...]:
+    """Random images and labels: training x, y and validation x, y."""
+    rng = np.random.default_rng(seed)
+    return (rng.random((n_train, 28, 28, 1), dtype=np.float32),
+            rng.integers(0, 10, n_train).astype(np.int32),
+            rng.random((n_val, 28, 28, 1), dtype=np.float32),
+            rng.integers(0, 10, n_val).astype(np.int32))
+
+
+TINY = CnnConfig(blocks=(ConvBlock(convs=(ConvLayer(4, 3),)),), batch_size=16)
+
+
 def test_validation_runs_in_large_batches_with_the_same_score() -> None:
-    rng = np.random.default_rng(0)
-    x = rng.random((64, 28, 28, 1), dtype=np.float32)
-    y = rng.integers(0, 10, 64).astype(np.int32)
-    n_val = MIN_VALIDATION_BATCH + 88
-    xv = rng.random((n_val, 28, 28, 1), dtype=np.float32)
-    yv = rng.integers(0, 10, n_val).astype(np.int32)
-    cfg = CnnConfig(blocks=(ConvBlock(convs=(ConvLayer(4, 3),)),), batch_size=16)
+    x, y, xv, yv = _noise(0, 64, MIN_VALIDATION_BATCH + 88)
+    cfg = TINY
     batches = _TestBatches()
     res = fit_config(cfg, x, y, xv, yv, epochs=2, seed=0, callbacks=[batches], keep_model=True)
     assert batches.count == 2 * 2  # 600 images in batches of 512, twice; not 38 per epoch
@@ -120,13 +127,9 @@ def test_validation_runs_in_large_batches_with_the_same_score() -> None:
 
 
 def test_interim_validation_scores_a_subset_then_every_image_once() -> None:
-    rng = np.random.default_rng(1)
-    x = rng.random((64, 28, 28, 1), dtype=np.float32)
-    y = rng.integers(0, 10, 64).astype(np.int32)
-    xv = rng.random((700, 28, 28, 1), dtype=np.float32)
-    yv = rng.integers(0, 10, 700).astype(np.int32)
+    x, y, xv, yv = _noise(1, 64, 700)
     subset = np.arange(0, 700, 7)  # 100 images
-    cfg = CnnConfig(blocks=(ConvBlock(convs=(ConvLayer(4, 3),)),), batch_size=16)
+    cfg = TINY
     batches = _TestBatches()
     seen: list[tuple[int, float]] = []
     res = fit_config(cfg, x, y, xv, yv, epochs=3, seed=0, callbacks=[batches], keep_model=True,
@@ -145,12 +148,8 @@ def test_interim_validation_scores_a_subset_then_every_image_once() -> None:
 
 
 def test_interim_validation_after_an_early_stop_scores_the_model_as_it_is() -> None:
-    rng = np.random.default_rng(2)
-    x = rng.random((48, 28, 28, 1), dtype=np.float32)
-    y = rng.integers(0, 10, 48).astype(np.int32)
-    xv = rng.random((50, 28, 28, 1), dtype=np.float32)
-    yv = rng.integers(0, 10, 50).astype(np.int32)
-    cfg = CnnConfig(blocks=(ConvBlock(convs=(ConvLayer(4, 3),)),), batch_size=16)
+    x, y, xv, yv = _noise(2, 48, 50)
+    cfg = TINY
 
     class StopAfter2(keras.callbacks.Callback):
         def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
