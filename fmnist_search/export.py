@@ -233,7 +233,7 @@ def check_data(study: optuna.Study, data: Dataset) -> None:
 def _search_protocol(protocol: dict[str, Any]) -> Any:
     from .objective import SearchProtocol
 
-    keys = ("epochs", "cv", "val_size", "train_subset", "seed", "interim_val_size")
+    keys = {f.name for f in dataclasses.fields(SearchProtocol)}
     return SearchProtocol(**{k: protocol[k] for k in keys if k in protocol})
 
 
