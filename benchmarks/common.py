@@ -200,9 +200,12 @@ def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
-def verdict(met: bool | None, text: str) -> str:
-    """A target line: met, not met, or not measurable."""
+def verdict(met: bool | None, text: str, unsettled: bool = False) -> str:
+    """A target line: met, not met, or not measurable; `unsettled`: measured, but the
+    machine's noise is larger than what the target asks to resolve."""
     mark = {True: "**met**", False: "**not met**", None: "**not measured**"}[met]
+    if unsettled:
+        mark = "**not settled** by this run (its noise is larger than the target's margin)"
     return f"Target: {text}: {mark}."
 
 

@@ -158,7 +158,9 @@ def resolve_protocol(
             settings[key] = defaults[key] if given is UNSET else given
             continue
         settings[key] = stored.get(key, defaults[key])
-        if given is not UNSET and given != settings[key]:
+        if given is not UNSET and key in st.NON_BINDING:  # as the search: the flag wins
+            settings[key] = given
+        elif given is not UNSET and given != settings[key]:
             flag = "--" + key.replace("_", "-")
             conflicts.append(f"{flag} {given} (study: {settings[key]})")
     if stored is None or "space" not in stored:
@@ -337,8 +339,10 @@ def _measure(
                     trial.set_user_attr("baseline", b.name)
                     return b.config
 
+                # Every epoch validated: the report draws the baselines' curves.
                 objective = objective_cls(
-                    folds, space, protocol, progress=sink, config_fn=config_fn
+                    folds, space, protocol, progress=sink, config_fn=config_fn,
+                    every_epoch=True,
                 )
                 study.optimize(
                     objective, n_trials=1, callbacks=[sink], catch=(Exception,), gc_after_trial=True

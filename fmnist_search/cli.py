@@ -158,8 +158,8 @@ def add_protocol_args(p: argparse.ArgumentParser) -> None:
         "--interim-val-size",
         type=int_at_least(0),
         default=None,
-        help="validation images scored after each epoch but the last, for the pruner and the "
-        "learning curves (a stratified subset); the score is every validation image after the "
+        help="validation images scored after the epochs before the last that the pruner reads "
+        "(a stratified subset); the score is every validation image after the "
         f"last epoch; 0 = every image after every epoch (default: {DEFAULT_INTERIM_VAL_SIZE}; "
         "0 with --engine keras-tuner, which validates as KerasTuner does)",
     )

@@ -246,8 +246,8 @@ def _peak_epoch(trial: FrozenTrial, epochs: int) -> int:
         folds = json.loads(trial.user_attrs.get("history", "[]"))
         curves = [f["val_accuracy"] for f in folds if f.get("val_accuracy")]
         n = min(len(c) for c in curves)
-        mean = np.mean([c[:n] for c in curves], axis=0)
-        return int(np.argmax(mean)) + 1
+        mean = np.nanmean(np.array([c[:n] for c in curves], dtype=float), axis=0)
+        return int(np.nanargmax(mean)) + 1  # NaN: an epoch not validated
     except (TypeError, ValueError, KeyError, AttributeError):
         return epochs  # nothing recorded: assume it peaked at the end
 

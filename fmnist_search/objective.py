@@ -26,6 +26,7 @@ from .multiobjective import (
     violates_before_training,
 )
 from .session import released_session
+from .study import pruner_read_steps
 from .training import DivergedError, fit_config
 
 
@@ -46,7 +47,9 @@ class SearchProtocol:
     epochs before the last are validated on `interim_val_size` of them (a stratified
     subset, fixed per split), which is what the pruner and the learning curves read:
     validating all 10,000 after every epoch made a default trial 15% slower than a bare
-    `fit` + `evaluate`. 0 = every image after every epoch.
+    `fit` + `evaluate`. 0 = every image after every epoch. And only the epochs whose
+    score the study's pruner can act on are validated (`study.pruner_read_steps`): the
+    default Hyperband reads epoch 1 of 3, no pruner none.
     """
 
     epochs: int = 3
@@ -135,6 +138,7 @@ class Objective:
         max_params: int | None = None,
         max_latency_ms: float | None = None,
         mo_pruning: MultiObjectivePruning | None = None,
+        every_epoch: bool = False,
     ) -> None:
         self.folds = folds
         self.space = space
@@ -145,6 +149,9 @@ class Objective:
         self.max_params = max_params
         self.max_latency_ms = max_latency_ms
         self.mo_pruning = mo_pruning
+        # Validate (the interim subset) after every epoch, not just those the pruner reads:
+        # for runs whose curves are the point, such as the baselines.
+        self.every_epoch = every_epoch
         self._interim_cache: dict[int, np.ndarray | None] = {}
 
     def _limits(self, trial: optuna.Trial, cfg: CnnConfig) -> dict[str, float] | None:
@@ -250,12 +257,16 @@ class Objective:
                 for k, v in logs.items():
                     fold_hist.setdefault(k, []).append(round(v, 6))
                 acc = logs.get("val_accuracy", float("nan"))
-                # Running cross-fold score: finished folds' last plus this fold's current,
-                # so every step reports a value on the same scale (optuna #4373, #3203).
-                value = (sum(fold_ends) + acc) / (len(fold_ends) + 1)
                 step = f * epochs + e + 1
                 if self.progress:
                     self.progress.epoch_done(trial.number, step, acc)
+                if not math.isfinite(acc):  # not validated: nothing the pruner reads
+                    if self.progress and e + 1 < epochs:
+                        self.progress.epoch_started(trial.number, step + 1, p.steps)
+                    return
+                # Running cross-fold score: finished folds' last plus this fold's current,
+                # so every step reports a value on the same scale (optuna #4373, #3203).
+                value = (sum(fold_ends) + acc) / (len(fold_ends) + 1)
                 if self.mo_pruning is not None:
                     # Multi-objective studies can't report: prune on the accuracy curve.
                     prune = self.mo_pruning.report_and_should_prune(trial, step, value)
@@ -275,6 +286,10 @@ class Objective:
             interim = self._interim(y_va, f)
             if f == 0:  # how this trial's epochs before the last were validated
                 trial.set_user_attr("interim_val_size", 0 if interim is None else len(interim))
+            # (A trial without a study, e.g. a FixedTrial, validates every epoch.)
+            pruner = getattr(getattr(trial, "study", None), "pruner", None)
+            read = None if self.every_epoch or self.mo_pruning is not None or pruner is None \
+                else pruner_read_steps(pruner, p.steps)
             try:
                 res = fit_config(
                     cfg,
@@ -289,6 +304,9 @@ class Objective:
                     on_epoch=on_epoch,
                     on_batch=self.progress.batch_done if self.progress else None,
                     interim_val=interim,
+                    # This fold's epochs the pruner reads; the rest go unvalidated.
+                    interim_epochs=None if read is None else
+                    {s - f * epochs for s in read if f * epochs < s <= (f + 1) * epochs},
                 )
             except DivergedError as e:
                 store("diverged")

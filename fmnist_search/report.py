@@ -230,15 +230,23 @@ def fig_importances(study: optuna.Study) -> Section:
     return sec
 
 
-def _val_curve(trial: FrozenTrial) -> list[float]:
-    """Validation accuracy per epoch, averaged over the folds that reached that epoch."""
+def _val_curve(trial: FrozenTrial) -> tuple[list[int], list[float]]:
+    """The validated epochs (1-based) and their accuracy, averaged over the folds that
+    validated that epoch (an epoch no pruner reads is not validated: NaN in the history)."""
     try:
         folds = json.loads(trial.user_attrs.get("history") or "[]")
     except (TypeError, ValueError):
-        return []
+        return [], []
     curves = [f.get("val_accuracy", []) for f in folds if isinstance(f, dict)]
-    longest = max((len(c) for c in curves), default=0)
-    return [float(np.mean([c[e] for c in curves if len(c) > e])) for e in range(longest)]
+    xs: list[int] = []
+    ys: list[float] = []
+    for e in range(max((len(c) for c in curves), default=0)):
+        at = [float(c[e]) for c in curves if len(c) > e and c[e] is not None
+              and math.isfinite(float(c[e]))]
+        if at:
+            xs.append(e + 1)
+            ys.append(float(np.mean(at)))
+    return xs, ys
 
 
 def fig_curves(
@@ -251,26 +259,22 @@ def fig_curves(
     best = [by_number[int(n)] for n in ranked["trial"]]
     pruned = [t for t in trials if t.state == TrialState.PRUNED][-40:]
     measured = [t for t in baselines if t.state == TrialState.COMPLETE]
-    if not any(_val_curve(t) for t in [*best, *pruned, *measured]):
+    if not any(_val_curve(t)[0] for t in [*best, *pruned, *measured]):
         sec.notes.append("No per-epoch history stored yet.")
         return sec
     fig = Figure(figsize=(9, 4.5))
     ax = fig.subplots()
     for i, t in enumerate(pruned):
-        c = _val_curve(t)
         ax.plot(
-            range(1, len(c) + 1),
-            c,
+            *_val_curve(t),
             color="#bbbbbb",
             lw=0.8,
             label="pruned trials" if i == 0 else None,
             zorder=1,
         )
     for i, t in enumerate(best):
-        c = _val_curve(t)
         ax.plot(
-            range(1, len(c) + 1),
-            c,
+            *_val_curve(t),
             marker="o",
             ms=3,
             color=PALETTE[i % len(PALETTE)],
@@ -278,10 +282,8 @@ def fig_curves(
             zorder=3,
         )
     for i, t in enumerate(measured[:6]):
-        c = _val_curve(t)
         ax.plot(
-            range(1, len(c) + 1),
-            c,
+            *_val_curve(t),
             ls="--",
             lw=1,
             color=PALETTE[(i + 3) % len(PALETTE)],
@@ -297,8 +299,10 @@ def fig_curves(
     sec.notes.append(
         f"The {len(best)} best complete trials in colour; pruned trials in grey, "
         "up to where they were stopped. Each point is scored on the images validated after "
-        "every epoch (`--interim-val-size`, a stratified subset unless 0); the legend gives "
-        "each trial's score, on every validation image after its last epoch."
+        "every epoch (`--interim-val-size`, a stratified subset unless 0); with a subset, "
+        "only the epochs the pruner reads and the last are validated, so a trial's line "
+        "joins those. The legend gives each trial's score, on every validation image after "
+        "its last epoch."
     )
     return sec
 

@@ -188,6 +188,10 @@ def test_baselines_take_the_main_study_protocol_and_refuse_other_flags(
     storage = st.default_storage(tmp_path / "res", "b")
     stored = optuna.load_study(study_name=baseline_study_name("b"), storage=storage)
     assert stored.user_attrs["protocol"] == protocol
+    # The interim subset does not bind a study: another size is taken, as the search takes it.
+    assert main(_args(tmp_path, synthetic_dir, "--only", "conv8_dense28",
+                      "--interim-val-size", "10")) == 0
+    assert len(_baseline_trials(tmp_path)) == 2
 
 
 def test_baselines_bad_name_exits_2_with_one_line(

@@ -175,6 +175,20 @@ def test_overhead_memory_workers_and_headline_render(docs: Path) -> None:
         overhead_vs_bare_val_pct=5.0, per_epoch_validation_pct=0.0, fixed_cost_s=0.1,
         breakdown_s={"study": 0.05, "count_params": 0.03, "clear_session": 0.02}))
     assert "**met**" in o and "+5.0%" in o
+    # A wandering machine: by medians the tool looks faster, by fastest runs 20% slower.
+    noisy = overhead.render(_result(
+        settings={"train_images": 2000, "val_images": 1000, "epochs": 3, "repeats": 3,
+                  "config": "[C32k3 max] F | adam", "params": 1000, "interim_val_images": 500,
+                  "interim_epochs": {"tool": [1], "tool_nop": []}},
+        runs_s={"tool": [2.4, 2.6, 2.8], "tool_nop": [2.3, 2.5, 2.9], "bare": [2.0, 2.9, 3.0],
+                "bare_val": [2.1, 2.9, 3.0]},
+        median_s={"tool": 2.6, "tool_nop": 2.5, "bare": 2.9, "bare_val": 2.9},
+        overhead_pct=-10.3, overhead_vs_bare_val_pct=-10.3, per_epoch_validation_pct=0.0,
+        fixed_cost_s=-0.3, breakdown_s={"study": 0.05, "count_params": 0.03,
+                                        "clear_session": 0.02}, interim_pass_s=0.1))
+    assert "**not settled**" in noisy and "**met**" not in noisy and "+20.0%" in noisy
+    assert "interim pass after epoch 1" in noisy and "`--pruner none`" in noisy
+    assert "0.10 + 1 x 0.10 = **0.20 s per trial**: 6.9% of the bare trial's median" in noisy
 
     m = _result(settings={"trials": 3, "train_images": 500, "val_images": 500, "epochs": 1},
                 states={"COMPLETE": 3, "PRUNED": 0, "FAIL": 0}, rss_mb_before_first_trial=900,

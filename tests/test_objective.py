@@ -77,7 +77,9 @@ def test_interim_subset_changes_what_is_validated_not_the_score(tiny_dataset: Da
     for n in (0, 12):
         protocol = SearchProtocol(epochs=2, seed=1, interim_val_size=n)
         folds = make_folds(tiny_dataset, protocol)
-        study = _study()
+        # A median pruner may read any step, so every epoch is validated (it never prunes
+        # here: it waits for 100 finished trials).
+        study = _study(optuna.pruners.MedianPruner(n_startup_trials=100))
         study.optimize(Objective(folds, SMALL, protocol, config_fn=lambda t: TINY_CFG), n_trials=1)
         t = study.trials[0]
         assert t.state == TrialState.COMPLETE and sorted(t.intermediate_values) == [1, 2]
@@ -92,6 +94,36 @@ def test_interim_subset_changes_what_is_validated_not_the_score(tiny_dataset: Da
         assert acc * 12 == pytest.approx(round(acc * 12), abs=1e-4)
     assert scores[12][2][2] == pytest.approx(scores[12][1][-1], abs=1e-6)
     assert scores[0][2][2] == pytest.approx(scores[0][0], abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("pruner", "cv", "reported", "validated"),
+    [
+        # Hyperband over 3 steps decides at step 1 only (its rungs: 1, 3, 9...; the last
+        # step is never pruned): epoch 2 goes unvalidated.
+        (optuna.pruners.HyperbandPruner(min_resource=1, max_resource=3, reduction_factor=3),
+         0, [1, 3], [[True, False, True]]),
+        (optuna.pruners.NopPruner(), 0, [3], [[False, False, True]]),
+        # Two folds of 3 epochs: steps 1..6; the rungs 1 and 3 fall in the first fold, and
+        # each fold's last epoch is validated (on every image) anyway.
+        (optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3),
+         2, [1, 3, 6], [[True, False, True], [False, False, True]]),
+    ],
+)
+def test_only_the_epochs_the_pruner_reads_are_validated(
+    tiny_dataset: Dataset, pruner: optuna.pruners.BasePruner, cv: int, reported: list[int],
+    validated: list[list[bool]],
+) -> None:
+    protocol = SearchProtocol(epochs=3, cv=cv, seed=1, interim_val_size=12)
+    folds = make_folds(tiny_dataset, protocol)
+    study = _study(pruner)
+    study.optimize(Objective(folds, SMALL, protocol, config_fn=lambda t: TINY_CFG), n_trials=1)
+    t = study.trials[0]
+    assert t.state == TrialState.COMPLETE and sorted(t.intermediate_values) == reported
+    hist = json.loads(t.user_attrs["history"])
+    assert [[v == v for v in f["val_accuracy"]] for f in hist] == validated  # NaN != NaN
+    assert [len(f["loss"]) for f in hist] == [3] * len(validated)
+    assert t.user_attrs["best_epoch"] >= 1 and 0.0 <= t.value <= 1.0
 
 
 def test_pruned_trial_stops_and_records(tiny_dataset: Dataset) -> None:

@@ -126,16 +126,33 @@ def test_validation_runs_in_large_batches_with_the_same_score() -> None:
     assert res.history["val_accuracy"][-1] == pytest.approx(acc, abs=1e-6)
 
 
-def test_interim_validation_scores_a_subset_then_every_image_once() -> None:
+def _count_predicts(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Records the number of images of every `Model.predict` call from now on."""
+    sizes: list[int] = []
+    real = keras.Model.predict
+
+    def spy(self: keras.Model, x: Any, *args: Any, **kwargs: Any) -> Any:
+        sizes.append(len(x))
+        return real(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(keras.Model, "predict", spy)
+    return sizes
+
+
+def test_interim_validation_scores_a_subset_then_every_image_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     x, y, xv, yv = _noise(1, 64, 700)
     subset = np.arange(0, 700, 7)  # 100 images
     cfg = TINY
     batches = _TestBatches()
+    predicts = _count_predicts(monkeypatch)
     seen: list[tuple[int, float]] = []
     res = fit_config(cfg, x, y, xv, yv, epochs=3, seed=0, callbacks=[batches], keep_model=True,
                      interim_val=subset, on_epoch=lambda e, logs: seen.append(
                          (e, logs["val_accuracy"])))
-    assert batches.count == 2  # epochs 1 and 2, the subset in one batch each; none for 3
+    # Epochs 1 and 2 on the subset, then every image once; no Keras validation at all.
+    assert predicts == [100, 100, 700] and batches.count == 0
     assert [e for e, _ in seen] == [0, 1, 2]
     assert [a for _, a in seen] == pytest.approx(res.history["val_accuracy"], abs=1e-9)
     assert len(res.history["val_loss"]) == 3 and res.epochs_run == 3
@@ -145,6 +162,27 @@ def test_interim_validation_scores_a_subset_then_every_image_once() -> None:
     assert res.history["val_loss"][-1] == pytest.approx(loss, rel=1e-4)
     _, acc_all = res.model.evaluate(xv, yv, batch_size=512, verbose=0)
     assert res.final_val_accuracy == pytest.approx(acc_all, abs=1e-6)
+
+
+def test_interim_validation_skips_the_epochs_not_asked_for(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    x, y, xv, yv = _noise(3, 64, 300)
+    predicts = _count_predicts(monkeypatch)
+    seen: list[float] = []
+    res = fit_config(TINY, x, y, xv, yv, epochs=4, seed=0, interim_val=np.arange(0, 300, 3),
+                     interim_epochs={2}, on_epoch=lambda e, logs: seen.append(
+                         logs["val_accuracy"]))
+    assert predicts == [100, 300]  # epoch 2 on the subset, then every image after epoch 4
+    curve = res.history["val_accuracy"]
+    assert len(curve) == 4 and len(res.history["val_loss"]) == 4
+    assert [math.isfinite(a) for a in curve] == [False, True, False, True]
+    assert [math.isfinite(a) for a in seen] == [False, True, False, True]
+    assert res.best_epoch in (2, 4) and math.isfinite(res.final_val_accuracy)
+    predicts.clear()
+    fit_config(TINY, x, y, xv, yv, epochs=3, seed=0, interim_val=np.arange(100),
+               interim_epochs=set())
+    assert predicts == [300]  # nothing read before the last epoch: one pass in all
 
 
 def test_interim_validation_after_an_early_stop_scores_the_model_as_it_is() -> None:
@@ -162,6 +200,11 @@ def test_interim_validation_after_an_early_stop_scores_the_model_as_it_is() -> N
     assert res.model is not None
     _, acc_all = res.model.evaluate(xv, yv, batch_size=512, verbose=0)
     assert res.final_val_accuracy == pytest.approx(acc_all, abs=1e-6)
+    # Its last epoch not validated: it takes the subset's score from the pass after the fit.
+    res = fit_config(cfg, x, y, xv, yv, epochs=4, seed=0, callbacks=[StopAfter2()],
+                     interim_val=np.arange(10), interim_epochs=set())
+    curve = res.history["val_accuracy"]
+    assert len(curve) == 2 and math.isnan(curve[0]) and math.isfinite(curve[1])
     with pytest.raises(ValueError, match="exclude"):
         fit_config(cfg, x, y, xv, yv, epochs=1, seed=0, interim_val=np.arange(10),
                    cosine_decay=True, deadline_s=10.0)
