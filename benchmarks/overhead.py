@@ -141,8 +141,11 @@ def main() -> int:
         def objective(trial: optuna.Trial) -> float:
             for k in ("config", "summary", "params", "epochs_run", "wall_time", "history", "end"):
                 trial.set_user_attr(k, "x")
-            for step in range(protocol.steps):
-                trial.report(0.5, step + 1)
+            # Reports where the tool's default side reports: the pruner's reads, the end.
+            reads = st.pruner_read_steps(pruners["tool"], protocol.steps)
+            for step in sorted({*(reads if reads is not None else range(1, protocol.steps)),
+                                protocol.steps}):
+                trial.report(0.5, step)
                 trial.should_prune()
             return 0.5
 

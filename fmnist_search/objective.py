@@ -49,7 +49,7 @@ class SearchProtocol:
     validating all 10,000 after every epoch made a default trial 15% slower than a bare
     `fit` + `evaluate`. 0 = every image after every epoch. And only the epochs whose
     score the study's pruner can act on are validated (`study.pruner_read_steps`): the
-    default Hyperband reads epoch 1 of 3, no pruner none.
+    default Hyperband reads epoch 1 of 3 on a holdout split, no pruner none.
     """
 
     epochs: int = 3
@@ -314,7 +314,10 @@ class Objective:
                 raise TrialFailedError(f"diverged: {e}") from None
             fold_scores.append(res.final_val_accuracy)
             fold_ends.append(res.history.get("val_accuracy", [float("nan")])[-1])
-            best_epochs.append(res.best_epoch)
+            # A fold whose epochs before the last went unvalidated says nothing about its
+            # peak (it would always say "the last"): only the others count.
+            if any(math.isfinite(v) for v in res.history.get("val_accuracy", [])[:-1]):
+                best_epochs.append(res.best_epoch)
             del x_tr, y_tr, x_va, y_va
         store("complete")
         mean = float(np.mean(fold_scores))
@@ -322,7 +325,9 @@ class Objective:
         trial.set_user_attr(
             "val_accuracy_std", float(np.std(fold_scores)) if len(fold_scores) > 1 else 0.0
         )
-        trial.set_user_attr("best_epoch", int(round(float(np.mean(best_epochs)))))
+        # No fold validated an earlier epoch: nothing says it peaked before the last.
+        trial.set_user_attr("best_epoch",
+                            int(round(float(np.mean(best_epochs)))) if best_epochs else epochs)
         if not math.isfinite(mean):
             trial.set_user_attr("fail_reason", "no validation score")
             raise TrialFailedError("no validation score")

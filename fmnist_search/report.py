@@ -298,11 +298,13 @@ def fig_curves(
     sec.image = _png(fig)
     sec.notes.append(
         f"The {len(best)} best complete trials in colour; pruned trials in grey, "
-        "up to where they were stopped. Each point is scored on the images validated after "
-        "every epoch (`--interim-val-size`, a stratified subset unless 0); with a subset, "
-        "only the epochs the pruner reads and the last are validated, so a trial's line "
-        "joins those. The legend gives each trial's score, on every validation image after "
-        "its last epoch."
+        "up to where they were stopped; baselines dashed. Each point is scored on the "
+        "interim validation images (`--interim-val-size`, a stratified subset unless 0); "
+        "with a subset, a trial is validated only after the epochs its pruner reads and "
+        "after its last, so its line joins those (under K-fold an epoch's point averages "
+        "the folds validated there), while the baselines are validated after every epoch. "
+        "The legend gives each trial's score, on every validation image after its last "
+        "epoch."
     )
     return sec
 
@@ -652,7 +654,8 @@ def _protocol_html(protocol: dict[str, Any]) -> str:
         ("epochs per trial (per fold)", protocol.get("epochs")),
         ("training subset", f"{subset} images per split" if subset else "all training images"),
         ("validation before the last epoch",
-         f"{protocol['interim_val_size']} images (stratified subset)"
+         f"{protocol['interim_val_size']} images (stratified subset), after the epochs "
+         "the pruner reads"
          if protocol.get("interim_val_size") else "every validation image"),
         ("score", protocol.get("score") or "best epoch, every validation image (older study)"),
         ("seed", protocol.get("seed")),

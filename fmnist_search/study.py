@@ -129,11 +129,14 @@ def pruner_read_steps(pruner: optuna.pruners.BasePruner, max_steps: int) -> froz
         return frozenset()
     if isinstance(pruner, (optuna.pruners.HyperbandPruner,
                            optuna.pruners.SuccessiveHalvingPruner)):
-        base, factor = getattr(pruner, "_min_resource", None), pruner._reduction_factor
-        if not isinstance(base, int) or base < 1 or factor < 2:  # "auto": not known yet
+        # Private attributes: if a later Optuna renames them, validate every epoch.
+        base = getattr(pruner, "_min_resource", None)  # None: "auto", not known yet
+        factor = getattr(pruner, "_reduction_factor", None)
+        rate = getattr(pruner, "_min_early_stopping_rate", 0)
+        if not (isinstance(base, int) and isinstance(factor, int) and isinstance(rate, int)
+                and base >= 1 and factor >= 2):
             return None
-        if isinstance(pruner, optuna.pruners.SuccessiveHalvingPruner):
-            base *= factor ** pruner._min_early_stopping_rate
+        base *= factor ** rate  # Hyperband's brackets start at every rate from 0
         steps, step = set(), base
         while step < max_steps:
             steps.add(step)
