@@ -240,6 +240,11 @@ class Objective:
             trial.set_user_attr("history", json.dumps(history))
             trial.set_user_attr("end", state)
 
+        # The steps whose score the pruner reads: the epochs worth validating. (A trial
+        # without a study, e.g. a FixedTrial, validates every epoch.)
+        pruner = getattr(getattr(trial, "study", None), "pruner", None)
+        read = None if self.every_epoch or self.mo_pruning is not None or pruner is None \
+            else pruner_read_steps(pruner, p.steps)
         for f, (tr, va) in enumerate(self.folds.splits):
             x_tr, y_tr = self.folds.x[tr], self.folds.y[tr]
             x_va, y_va = self.folds.x[va], self.folds.y[va]
@@ -286,10 +291,6 @@ class Objective:
             interim = self._interim(y_va, f)
             if f == 0:  # how this trial's epochs before the last were validated
                 trial.set_user_attr("interim_val_size", 0 if interim is None else len(interim))
-            # (A trial without a study, e.g. a FixedTrial, validates every epoch.)
-            pruner = getattr(getattr(trial, "study", None), "pruner", None)
-            read = None if self.every_epoch or self.mo_pruning is not None or pruner is None \
-                else pruner_read_steps(pruner, p.steps)
             try:
                 res = fit_config(
                     cfg,
