@@ -129,6 +129,28 @@ def _wait_for_running(
     raise AssertionError("no trial was caught running")
 
 
+def _wait_for_heartbeat(db: str, name: str, number: int, limit: float = 60) -> None:
+    """Waits until trial `number` of study `name` has a heartbeat recorded."""
+    import sqlalchemy
+
+    storage = optuna.storages.RDBStorage(db)
+    trial_id = storage.get_trial_id_from_study_id_trial_number(
+        storage.get_study_id_from_name(name), number)
+    engine = sqlalchemy.create_engine(db)
+    deadline = time.monotonic() + limit
+    try:
+        while time.monotonic() < deadline:
+            with engine.connect() as conn:
+                if conn.execute(sqlalchemy.text(
+                        "SELECT 1 FROM trial_heartbeats WHERE trial_id = :t"), {"t": trial_id}
+                ).first():
+                    return
+            time.sleep(0.1)
+    finally:
+        engine.dispose()
+    raise AssertionError(f"trial {number} never recorded a heartbeat")
+
+
 def test_sigkill_mid_trial_then_resume(slower_dir: Path, tmp_path: Path) -> None:
     args = [
         "--trials",
@@ -196,6 +218,9 @@ def test_sigkill_of_one_postgres_worker_is_noticed_by_another(
     hb = {"FMNIST_SEARCH_HEARTBEAT": "1,4"}
     victim = popen_cli(*args, "--results-dir", str(tmp_path / "a"), **hb)
     killed = _wait_for_running(pg_url, name, victim, min_finished=0)
+    # A worker killed before its heartbeat thread's first beat leaves a trial that no
+    # heartbeat can ever call stale: kill it only once the trial has beaten.
+    _wait_for_heartbeat(pg_url, name, killed)
     os.kill(victim.pid, signal.SIGKILL)
     victim.wait()
     time.sleep(5)  # past the grace period
