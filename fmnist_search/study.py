@@ -12,6 +12,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -285,16 +286,64 @@ def fail_stale_trials(
 
     Only for a search that owns its study alone (the default local storage, before its
     workers start): another live worker's running trial would be failed too. Shared
-    storages rely on heartbeats instead (`make_storage`).
+    storages rely on heartbeats instead (`make_storage`, `fail_silent_trials`).
     """
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    return _fail_and_retry(study, [t._trial_id for t in running], reason)
+
+
+def fail_silent_trials(study: optuna.Study) -> list[int]:
+    """Fail (and retry) RUNNING trials that never recorded a heartbeat, once older than the
+    grace period, on a storage with heartbeats. Returns their numbers.
+
+    Optuna calls a trial stale only from its last heartbeat. A worker killed between
+    creating its trial and the heartbeat thread's first beat (milliseconds) would leave
+    a trial that nothing ever fails, holding a place in `--trials` for good. A live
+    worker's trial beats within milliseconds of its start, long before the grace period.
+    """
+    backend = getattr(study._storage, "_backend", study._storage)  # unwrap Optuna's cache
+    if not isinstance(backend, optuna.storages.RDBStorage) or not is_heartbeat_enabled(backend):
+        return []
+    grace = backend.grace_period or 2 * (backend.heartbeat_interval or 0)
+    # datetime_start is the creating worker's local clock, as Optuna writes it.
+    cutoff = datetime.now() - timedelta(seconds=grace)
+    old = [
+        t._trial_id
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        if t.datetime_start is not None and t.datetime_start < cutoff
+    ]
+    if not old:
+        return []
+    try:
+        from optuna.storages._rdb.models import TrialHeartbeatModel
+        from sqlalchemy import select
+
+        table = TrialHeartbeatModel.__table__
+        with backend.engine.connect() as conn:
+            beaten = set(
+                conn.execute(select(table.c.trial_id).where(table.c.trial_id.in_(old))).scalars()
+            )
+    except (ImportError, AttributeError):  # Optuna's private layout changed: heartbeats only
+        return []
+    silent = [i for i in old if i not in beaten]
+    return _fail_and_retry(study, silent, "worker died before its first heartbeat")
+
+
+def _fail_and_retry(study: optuna.Study, trial_ids: Sequence[int], reason: str) -> list[int]:
+    """Fail the given RUNNING trials with `reason`, enqueue a retry of each; their numbers."""
     storage = study._storage
     retry = _retry_callback()
     failed = []
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        storage.set_trial_user_attr(t._trial_id, "fail_reason", reason)
-        if storage.set_trial_state_values(t._trial_id, TrialState.FAIL):
-            failed.append(t.number)
-            retry(study, storage.get_trial(t._trial_id))
+    for trial_id in trial_ids:
+        try:
+            storage.set_trial_user_attr(trial_id, "fail_reason", reason)
+            if not storage.set_trial_state_values(trial_id, TrialState.FAIL):
+                continue
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # another worker finished or failed it first
+        frozen = storage.get_trial(trial_id)
+        failed.append(frozen.number)
+        retry(study, frozen)
     return failed
 
 
@@ -474,6 +523,7 @@ def _run_trials(
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                     optuna.storages.fail_stale_trials(study)
+                fail_silent_trials(study)
             started = len(study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING)))
             if started >= total_trials:
                 break

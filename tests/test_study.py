@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import gc
+import uuid
 import weakref
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import optuna
 import pytest
+from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
 from fmnist_search import study as st
@@ -126,6 +129,56 @@ def test_stale_running_trial_is_failed(tmp_path: Path) -> None:
     assert st.fail_stale_trials(study) == [0]
     t = study.get_trials()[0]
     assert t.state == TrialState.FAIL and "interrupted" in t.user_attrs["fail_reason"]
+
+
+@pytest.mark.parametrize("where", ["sqlite", "postgresql"])
+def test_trial_that_never_beat_is_failed_and_retried(
+    where: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """A worker killed between creating its trial and the first heartbeat: Optuna never
+    calls that trial stale, so without this it would hold a place in the budget for good."""
+    if where == "sqlite":
+        url = f"sqlite:///{tmp_path / 's.db'}"
+    else:
+        url = request.getfixturevalue("pg_url")
+    study = st.open_study(url, f"silent-{uuid.uuid4().hex[:8]}", st.make_sampler("tpe", 0),
+                          st.make_pruner("none", 1), {"epochs": 1})
+    storage = study._storage
+
+    def running(age_s: float, beat: bool) -> int:
+        t = optuna.trial.create_trial(state=TrialState.RUNNING, params={"x": 0.5},
+                                      distributions={"x": FloatDistribution(0, 1)})
+        t.datetime_start = datetime.now() - timedelta(seconds=age_s)
+        trial_id = storage.create_new_trial(study._study_id, template_trial=t)
+        if beat:
+            storage.record_heartbeat(trial_id)
+        return storage.get_trial(trial_id).number
+
+    old = 2 * st.GRACE_PERIOD
+    silent, alive, young = running(old, beat=False), running(old, beat=True), running(1, False)
+    assert st.fail_silent_trials(study) == [silent]
+    trials = study.get_trials()
+    assert trials[silent].state == TrialState.FAIL
+    assert trials[silent].user_attrs["fail_reason"] == "worker died before its first heartbeat"
+    assert trials[alive].state == trials[young].state == TrialState.RUNNING
+    assert st.fail_silent_trials(study) == []  # once only
+    # The retry runs with the silent trial's parameters.
+    retry = [t for t in trials if t.system_attrs.get("failed_trial") == silent]
+    assert len(retry) == 1 and retry[0].state == TrialState.WAITING
+    assert retry[0].params == {"x": 0.5}
+
+
+def test_search_frees_the_place_of_a_trial_that_never_beat(tmp_path: Path) -> None:
+    study = _open(f"sqlite:///{tmp_path / 's.db'}")
+    t = optuna.trial.create_trial(state=TrialState.RUNNING, params={"x": 0.5},
+                                  distributions={"x": FloatDistribution(0, 1)})
+    t.datetime_start = datetime.now() - timedelta(seconds=2 * st.GRACE_PERIOD)
+    study._storage.create_new_trial(study._study_id, template_trial=t)
+    st.run_trials(study, _quick, 2)
+    trials = study.get_trials()
+    assert trials[0].state == TrialState.FAIL
+    assert st.count_finished(study) == 2  # the dead trial no longer holds a place
+    assert any(t.system_attrs.get("failed_trial") == 0 for t in trials[1:])
 
 
 @pytest.mark.parametrize("name", ["../x", "a/b", "a\\b", "..", ".hidden", "a\x00b", "", "x" * 101])

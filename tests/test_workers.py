@@ -218,8 +218,8 @@ def test_sigkill_of_one_postgres_worker_is_noticed_by_another(
     hb = {"FMNIST_SEARCH_HEARTBEAT": "1,4"}
     victim = popen_cli(*args, "--results-dir", str(tmp_path / "a"), **hb)
     killed = _wait_for_running(pg_url, name, victim, min_finished=0)
-    # A worker killed before its heartbeat thread's first beat leaves a trial that no
-    # heartbeat can ever call stale: kill it only once the trial has beaten.
+    # Kill it only once the trial has beaten, so that this tests the heartbeat path (a trial
+    # that never beat is failed by its age instead: test_study's never_beat tests).
     _wait_for_heartbeat(pg_url, name, killed)
     os.kill(victim.pid, signal.SIGKILL)
     victim.wait()
