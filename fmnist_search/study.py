@@ -12,7 +12,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -305,28 +305,34 @@ def fail_silent_trials(study: optuna.Study) -> list[int]:
     if not isinstance(backend, optuna.storages.RDBStorage) or not is_heartbeat_enabled(backend):
         return []
     grace = backend.grace_period or 2 * (backend.heartbeat_interval or 0)
-    # datetime_start is the creating worker's local clock, as Optuna writes it.
-    cutoff = datetime.now() - timedelta(seconds=grace)
+    # The age is a margin only: under the TrialLock every live trial has beaten already
+    # (`_run_trials`). datetime_start is the creating machine's clock (naive local time);
+    # compared in UTC so that a daylight-saving change does not age a trial by an hour.
+    cutoff = datetime.now(timezone.utc) - timedelta(seconds=grace)
     old = [
         t._trial_id
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-        if t.datetime_start is not None and t.datetime_start < cutoff
+        if t.datetime_start is not None and t.datetime_start.astimezone(timezone.utc) < cutoff
     ]
-    if not old:
+    beaten = beaten_trials(backend, old) if old else set()
+    if beaten is None:  # Optuna's private layout changed: rely on its heartbeats alone
         return []
+    silent = [i for i in old if i not in beaten]
+    return _fail_and_retry(study, silent, "worker died before its first heartbeat")
+
+
+def beaten_trials(storage: optuna.storages.RDBStorage, trial_ids: Sequence[int]) -> set[int] | None:
+    """Those of `trial_ids` with a heartbeat recorded; None if Optuna's tables are not known."""
     try:
         from optuna.storages._rdb.models import TrialHeartbeatModel
         from sqlalchemy import select
 
         table = TrialHeartbeatModel.__table__
-        with backend.engine.connect() as conn:
-            beaten = set(
-                conn.execute(select(table.c.trial_id).where(table.c.trial_id.in_(old))).scalars()
-            )
-    except (ImportError, AttributeError):  # Optuna's private layout changed: heartbeats only
-        return []
-    silent = [i for i in old if i not in beaten]
-    return _fail_and_retry(study, silent, "worker died before its first heartbeat")
+        with storage.engine.connect() as conn:
+            query = select(table.c.trial_id).where(table.c.trial_id.in_(list(trial_ids)))
+            return set(conn.execute(query).scalars())
+    except (ImportError, AttributeError):
+        return None
 
 
 def _fail_and_retry(study: optuna.Study, trial_ids: Sequence[int], reason: str) -> list[int]:
@@ -515,6 +521,10 @@ def _run_trials(
                 held = False
 
         def locked_objective(trial: optuna.Trial) -> float | tuple[float, ...]:
+            if heartbeat:
+                # Beat before other workers may look: the heartbeat thread's own first beat
+                # may not be committed yet, and `fail_silent_trials` would see no beat.
+                study._storage.record_heartbeat(trial._trial_id)  # type: ignore[attr-defined]
             release()  # the trial exists (RUNNING): other workers may now count it
             return objective(trial)
 
