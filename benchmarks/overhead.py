@@ -8,7 +8,8 @@ A second bare variant validates every image after every epoch (`fit(validation_d
 as the tool once did for its pruner. The tool validates the protocol's interim subset (2,000
 images) after the epochs before the last that its pruner reads, and every image once after
 the last. The tool runs twice: with the default pruner's reads (Hyperband over 3 epochs reads
-epoch 1; here a Hyperband that never prunes, so that identical trials all run their epochs)
+epoch 1 in the trials of its first bracket, 3 in 5, and none in the others; here a Hyperband
+that never prunes, so that identical trials all run their epochs)
 and with no pruner (`--pruner none`, no interim pass). Runs alternate, after one untimed
 warm-up of each; medians are reported.
 
@@ -321,8 +322,9 @@ def _expected(own: float, pass_s: float, passes: int, s: dict[str, Any],
     return (
         f"One interim pass ({s['interim_val_images']:,} images by `predict`, its step "
         f"already traced, as the final pass traces it anyway) takes {pass_s:.2f} s. With the "
-        f"default pruner's reads ({passes} pass(es) per trial) the tool's expected extra "
-        f"time is {own:.2f} + {passes} x {pass_s:.2f} = **{extra:.2f} s per trial**: "
+        f"default pruner's reads (at most {passes} pass(es) per trial: Hyperband's trials "
+        "outside its first bracket run none) the tool's expected extra time is at most "
+        f"{own:.2f} + {passes} x {pass_s:.2f} = **{extra:.2f} s per trial**: "
         f"{100 * extra / med['bare']:.1f}% of the bare trial's median here and "
         f"{100 * extra / fastest['bare']:.1f}% of its fastest run. The final pass over every "
         "validation image stands in for the bare side's `evaluate`."

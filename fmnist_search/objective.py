@@ -49,7 +49,8 @@ class SearchProtocol:
     validating all 10,000 after every epoch made a default trial 15% slower than a bare
     `fit` + `evaluate`. 0 = every image after every epoch. And only the epochs whose
     score the study's pruner can act on are validated (`study.pruner_read_steps`): the
-    default Hyperband reads epoch 1 of 3 on a holdout split, no pruner none.
+    default Hyperband reads epoch 1 of 3 on a holdout split in its first bracket's trials
+    and none in its second's, no pruner none.
     """
 
     epochs: int = 3
@@ -242,9 +243,10 @@ class Objective:
 
         # The steps whose score the pruner reads: the epochs worth validating. (A trial
         # without a study, e.g. a FixedTrial, validates every epoch.)
-        pruner = getattr(getattr(trial, "study", None), "pruner", None)
+        study = getattr(trial, "study", None)
+        pruner = getattr(study, "pruner", None)
         read = None if self.every_epoch or self.mo_pruning is not None or pruner is None \
-            else pruner_read_steps(pruner, p.steps)
+            else pruner_read_steps(pruner, p.steps, study, trial.number)
         for f, (tr, va) in enumerate(self.folds.splits):
             x_tr, y_tr = self.folds.x[tr], self.folds.y[tr]
             x_va, y_va = self.folds.x[va], self.folds.y[va]

@@ -99,10 +99,7 @@ def test_interim_subset_changes_what_is_validated_not_the_score(tiny_dataset: Da
 @pytest.mark.parametrize(
     ("pruner", "cv", "reported", "validated"),
     [
-        # Hyperband over 3 steps decides at step 1 only (its rungs: 1, 3, 9...; the last
-        # step is never pruned): epoch 2 goes unvalidated.
-        (optuna.pruners.HyperbandPruner(min_resource=1, max_resource=3, reduction_factor=3),
-         0, [1, 3], [[True, False, True]]),
+        # (Hyperband: per bracket, below.)
         (optuna.pruners.NopPruner(), 0, [3], [[False, False, True]]),
         # Two folds of 3 epochs: steps 1..6; the rungs 1 and 3 fall in the first fold, and
         # each fold's last epoch is validated (on every image) anyway.
@@ -126,6 +123,29 @@ def test_only_the_epochs_the_pruner_reads_are_validated(
     # Only validated epochs can be a peak; with none before the last, the last it is.
     assert t.user_attrs["best_epoch"] in ({1, 3} if any(validated[0][:-1]) else {3})
     assert 0.0 <= t.value <= 1.0
+
+
+def test_hyperband_trials_validate_the_rungs_of_their_own_bracket(tiny_dataset: Dataset) -> None:
+    """Over 3 steps, bracket 0's rungs are steps 1 and 3 and bracket 1's step 3 alone (the
+    last, never pruned): only bracket 0 trials validate an epoch before the last."""
+    pruner = optuna.pruners.HyperbandPruner(min_resource=1, max_resource=3, reduction_factor=3)
+    protocol = SearchProtocol(epochs=3, seed=1, interim_val_size=12)
+    study = optuna.create_study(study_name="brackets", direction="maximize", pruner=pruner,
+                                sampler=optuna.samplers.RandomSampler(seed=0))
+    objective = Objective(make_folds(tiny_dataset, protocol), SMALL, protocol,
+                          config_fn=lambda t: TINY_CFG)
+    study.optimize(objective, n_trials=5)
+    brackets = set()
+    for t in study.trials:
+        bracket = pruner._get_bracket_id(study, t)
+        brackets.add(bracket)
+        validated = [v == v for v in json.loads(t.user_attrs["history"])[0]["val_accuracy"]]
+        assert validated[-1] and not any(validated[1:-1])  # epoch 2 never
+        if bracket == 0:
+            assert validated[0] and min(t.intermediate_values) == 1
+        else:
+            assert validated == [False, False, True] and sorted(t.intermediate_values) == [3]
+    assert brackets == {0, 1}
 
 
 def test_pruned_trial_stops_and_records(tiny_dataset: Dataset) -> None:
