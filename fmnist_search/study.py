@@ -335,9 +335,12 @@ def fail_silent_trials(study: optuna.Study) -> list[int]:
     if not isinstance(backend, optuna.storages.RDBStorage) or not is_heartbeat_enabled(backend):
         return []
     grace = backend.grace_period or 2 * (backend.heartbeat_interval or 0)
-    # The age is a margin only: under the TrialLock every live trial has beaten already
-    # (`_run_trials`). datetime_start is the creating machine's clock (naive local time);
-    # compared in UTC so that a daylight-saving change does not age a trial by an hour.
+    # A live trial beats milliseconds after it starts; it could be taken for dead only if
+    # its machine's clock ran a grace period behind this one's. (Beating before the trial
+    # lock is released would close even that, but it puts a storage write where Ctrl-C
+    # lands, and a CI run with it hung once after a Ctrl-C there.) datetime_start is the
+    # creating machine's clock (naive local time); compared in UTC so that a
+    # daylight-saving change does not age a trial by an hour.
     cutoff = datetime.now(timezone.utc) - timedelta(seconds=grace)
     old = [
         t._trial_id
@@ -551,10 +554,6 @@ def _run_trials(
                 held = False
 
         def locked_objective(trial: optuna.Trial) -> float | tuple[float, ...]:
-            if heartbeat:
-                # Beat before other workers may look: the heartbeat thread's own first beat
-                # may not be committed yet, and `fail_silent_trials` would see no beat.
-                study._storage.record_heartbeat(trial._trial_id)  # type: ignore[attr-defined]
             release()  # the trial exists (RUNNING): other workers may now count it
             return objective(trial)
 

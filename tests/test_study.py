@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import threading
 import uuid
 import weakref
 from datetime import datetime, timedelta
@@ -180,29 +179,6 @@ def test_search_frees_the_place_of_a_trial_that_never_beat(tmp_path: Path) -> No
     assert trials[0].state == TrialState.FAIL
     assert st.count_finished(study) == 2  # the dead trial no longer holds a place
     assert any(t.system_attrs.get("failed_trial") == 0 for t in trials[1:])
-
-
-def test_a_trial_has_beaten_before_other_workers_may_look(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Other workers look for silent trials once the trial lock is free; by then the
-    running trial must have a heartbeat, however slow the heartbeat thread's first beat."""
-    import optuna.storages._heartbeat as hb
-
-    def _record_heartbeat(trial_id: int, heartbeat: object, stop: threading.Event) -> None:
-        stop.wait()  # a thread that never gets to beat
-
-    monkeypatch.setattr(hb.HeartbeatThread, "_record_heartbeat", staticmethod(_record_heartbeat))
-    study = _open(f"sqlite:///{tmp_path / 's.db'}")
-    backend = study._storage._backend
-    seen = []
-
-    def objective(trial: optuna.Trial) -> float:
-        seen.append(st.beaten_trials(backend, [trial._trial_id]) == {trial._trial_id})
-        return 0.0
-
-    st.run_trials(study, objective, 2)
-    assert seen == [True, True]
 
 
 @pytest.mark.parametrize("name", ["../x", "a/b", "a\\b", "..", ".hidden", "a\x00b", "", "x" * 101])
