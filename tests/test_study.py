@@ -131,6 +131,14 @@ def test_stale_running_trial_is_failed(tmp_path: Path) -> None:
     assert t.state == TrialState.FAIL and "interrupted" in t.user_attrs["fail_reason"]
 
 
+def _running_trial(study: optuna.Study, age_s: float) -> int:
+    """A RUNNING trial (x = 0.5) started `age_s` ago, without a heartbeat; its id."""
+    t = optuna.trial.create_trial(state=TrialState.RUNNING, params={"x": 0.5},
+                                  distributions={"x": FloatDistribution(0, 1)})
+    t.datetime_start = datetime.now() - timedelta(seconds=age_s)
+    return study._storage.create_new_trial(study._study_id, template_trial=t)
+
+
 @pytest.mark.parametrize("where", ["sqlite", "postgresql"])
 def test_trial_that_never_beat_is_failed_and_retried(
     where: str, tmp_path: Path, request: pytest.FixtureRequest
@@ -146,10 +154,7 @@ def test_trial_that_never_beat_is_failed_and_retried(
     storage = study._storage
 
     def running(age_s: float, beat: bool) -> int:
-        t = optuna.trial.create_trial(state=TrialState.RUNNING, params={"x": 0.5},
-                                      distributions={"x": FloatDistribution(0, 1)})
-        t.datetime_start = datetime.now() - timedelta(seconds=age_s)
-        trial_id = storage.create_new_trial(study._study_id, template_trial=t)
+        trial_id = _running_trial(study, age_s)
         if beat:
             storage.record_heartbeat(trial_id)
         return storage.get_trial(trial_id).number
@@ -170,10 +175,7 @@ def test_trial_that_never_beat_is_failed_and_retried(
 
 def test_search_frees_the_place_of_a_trial_that_never_beat(tmp_path: Path) -> None:
     study = _open(f"sqlite:///{tmp_path / 's.db'}")
-    t = optuna.trial.create_trial(state=TrialState.RUNNING, params={"x": 0.5},
-                                  distributions={"x": FloatDistribution(0, 1)})
-    t.datetime_start = datetime.now() - timedelta(seconds=2 * st.GRACE_PERIOD)
-    study._storage.create_new_trial(study._study_id, template_trial=t)
+    _running_trial(study, 2 * st.GRACE_PERIOD)
     st.run_trials(study, _quick, 2)
     trials = study.get_trials()
     assert trials[0].state == TrialState.FAIL

@@ -131,23 +131,19 @@ def _wait_for_running(
 
 def _wait_for_heartbeat(db: str, name: str, number: int, limit: float = 60) -> None:
     """Waits until trial `number` of study `name` has a heartbeat recorded."""
-    import sqlalchemy
+    from fmnist_search import study as st
 
     storage = optuna.storages.RDBStorage(db)
     trial_id = storage.get_trial_id_from_study_id_trial_number(
         storage.get_study_id_from_name(name), number)
-    engine = sqlalchemy.create_engine(db)
     deadline = time.monotonic() + limit
     try:
         while time.monotonic() < deadline:
-            with engine.connect() as conn:
-                if conn.execute(sqlalchemy.text(
-                        "SELECT 1 FROM trial_heartbeats WHERE trial_id = :t"), {"t": trial_id}
-                ).first():
-                    return
+            if st.beaten_trials(storage, [trial_id]):
+                return
             time.sleep(0.1)
     finally:
-        engine.dispose()
+        storage.engine.dispose()
     raise AssertionError(f"trial {number} never recorded a heartbeat")
 
 
