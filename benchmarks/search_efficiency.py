@@ -85,6 +85,7 @@ def child(args: Any) -> int:
     """One searcher, one seed, in this process: a fresh study, searched for --budget seconds."""
     common.quiet_tensorflow()
     from fmnist_search import study as st
+    from fmnist_search.baseline_runs import warm_start, warm_start_points
     from fmnist_search.objective import Objective, SearchProtocol, make_folds
     from fmnist_search.workers import set_threads
     from searchspace import SearchSpace
@@ -104,7 +105,8 @@ def child(args: Any) -> int:
     run_dir = Path(args.run_dir)
     study = st.open_study(
         st.default_storage(run_dir, name), name,
-        st.make_sampler(method.get("sampler", "tpe"), args.seed),
+        st.make_sampler(method.get("sampler", "tpe"), args.seed,
+                        enqueued=len(warm_start_points(space)) if method.get("warm_start") else 0),
         st.make_pruner(method.get("pruner", "none"), protocol.steps),
         {**protocol.to_dict(), "space": space.to_dict()},
     )
@@ -119,8 +121,6 @@ def child(args: Any) -> int:
                             timeout=args.budget)
         else:
             if method.get("warm_start"):
-                from fmnist_search.baseline_runs import warm_start
-
                 warm_start(study, space)
             st.run_trials(study, Objective(folds, space, protocol), MANY, timeout=args.budget)
     except st.StudyError as e:  # a run of failures: what was recorded still counts

@@ -451,15 +451,26 @@ def warm_start(
         The names of the baselines whose point was enqueued now.
     """
     enqueued: list[str] = []
-    for b in baselines:
-        if limit is not None and len(enqueued) >= limit:
-            break
+    for name, point in warm_start_points(space, baselines, limit):
         before = len(study.get_trials(deepcopy=False))
-        study.enqueue_trial(
-            nearest_params(b.config, space),
-            user_attrs={"warm_start_from": b.name},
-            skip_if_exists=True,
-        )
+        study.enqueue_trial(point, user_attrs={"warm_start_from": name}, skip_if_exists=True)
         if len(study.get_trials(deepcopy=False)) > before:
-            enqueued.append(b.name)
+            enqueued.append(name)
     return enqueued
+
+
+def warm_start_points(
+    space: SearchSpace, baselines: Sequence[Baseline] = BASELINES, limit: int | None = None
+) -> list[tuple[str, dict[str, Any]]]:
+    """The distinct points `warm_start` enqueues into a new study, each with its baseline.
+
+    A point shared by two baselines comes once, under the first; at most `limit` points.
+    """
+    points: list[tuple[str, dict[str, Any]]] = []
+    for b in baselines:
+        if limit is not None and len(points) >= limit:
+            break
+        point = nearest_params(b.config, space)
+        if all(point != p for _, p in points):
+            points.append((b.name, point))
+    return points

@@ -524,9 +524,18 @@ def cmd_search(args: argparse.Namespace) -> int:
     }
     multi = len(args.objectives) > 1
     seed = args.seed + (args.worker_index or 0)  # each worker its own stream, fixed by --seed
+    # TPE's random trials come after the warm start's points (the same count on resume and
+    # on every worker, so that each builds the same sampler).
+    if args.warm_start:
+        from .baseline_runs import warm_start_points
+
+        queued_points = len(warm_start_points(space, limit=args.trials))
+    else:
+        queued_points = 0
     try:
         sampler = (
-            make_mo_sampler(args.sampler, seed) if multi else st.make_sampler(args.sampler, seed)
+            make_mo_sampler(args.sampler, seed, enqueued=queued_points) if multi
+            else st.make_sampler(args.sampler, seed, enqueued=queued_points)
         )
     except ValueError as e:
         raise UsageError(str(e)) from None

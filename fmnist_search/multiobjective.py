@@ -287,6 +287,7 @@ def make_mo_sampler(
     *,
     population_size: int = 10,
     constraints_func: ConstraintsFunc | None = None,
+    enqueued: int = 0,
 ) -> optuna.samplers.BaseSampler:
     """A seeded sampler for a multi-objective study.
 
@@ -297,6 +298,8 @@ def make_mo_sampler(
         population_size: NSGA-II generation size; Optuna's 50 would make a 50-trial search
             one random generation.
         constraints_func: Deprecated in Optuna 5 (prefer `set_constraints`); tpe/nsga2 only.
+        enqueued: Trials the search queues itself (the warm start); TPE draws its 10
+            random trials after them, as `study.make_sampler` does.
     """
     with warnings.catch_warnings():
         # multivariate/group TPE and QMC are experimental; constraints_func is deprecated
@@ -308,7 +311,7 @@ def make_mo_sampler(
                 seed=seed,
                 multivariate=True,
                 group=True,
-                n_startup_trials=10,
+                n_startup_trials=10 + enqueued,
                 constraints_func=constraints_func,
             )
         if name == "nsga2":

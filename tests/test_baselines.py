@@ -10,7 +10,12 @@ import pytest
 from optuna.trial import TrialState
 
 from fmnist_search import study as st
-from fmnist_search.baseline_runs import nearest_params, study_protocol, warm_start
+from fmnist_search.baseline_runs import (
+    nearest_params,
+    study_protocol,
+    warm_start,
+    warm_start_points,
+)
 from fmnist_search.cli import main
 from fmnist_search.leaderboard import baseline_study_name, leaderboard, load_baseline_trials
 from fmnist_search.objective import SearchProtocol
@@ -223,6 +228,17 @@ def test_baselines_bad_space_or_missing_data_write_nothing(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and "'pooling'" in err[0] and "nowhere" in err[1]
     assert not results.exists()
+
+
+@pytest.mark.parametrize("limit", [None, 3, 0])
+def test_warm_start_points_are_what_warm_start_enqueues(limit: int | None) -> None:
+    # The CLI sizes TPE's startup by warm_start_points before the study is filled.
+    study = optuna.create_study(direction="maximize")
+    names = warm_start(study, SearchSpace(), limit=limit)
+    points = warm_start_points(SearchSpace(), limit=limit)
+    assert [name for name, _ in points] == names
+    waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+    assert [p for _, p in points] == [t.system_attrs["fixed_params"] for t in waiting]
 
 
 def test_warm_start_stops_at_the_budget() -> None:

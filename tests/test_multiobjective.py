@@ -204,6 +204,8 @@ def test_nsga2_study_records_infeasible_trials(mode: str) -> None:
 
 def test_mo_sampler_names() -> None:
     assert isinstance(make_mo_sampler("tpe", 0), optuna.samplers.TPESampler)
+    # The warm start's points come before TPE's 10 random trials, not instead of them.
+    assert make_mo_sampler("tpe", 0, enqueued=8)._n_startup_trials == 18  # type: ignore[attr-defined]
     assert isinstance(make_mo_sampler("random", 0), optuna.samplers.RandomSampler)
     with pytest.raises(ValueError, match="cmaes"):
         make_mo_sampler("cmaes", 0)

@@ -208,6 +208,13 @@ def test_samplers(name: str) -> None:
     assert st.make_sampler(name, 1) is not None
 
 
+def test_tpe_draws_its_random_trials_after_the_enqueued_points() -> None:
+    # Counted as TPE's startup, the warm start's points would leave it 2 random trials of 10.
+    assert st.make_sampler("tpe", 1)._n_startup_trials == st.TPE_RANDOM_TRIALS  # type: ignore[attr-defined]
+    warm = st.make_sampler("tpe", 1, enqueued=8)
+    assert warm._n_startup_trials == st.TPE_RANDOM_TRIALS + 8  # type: ignore[attr-defined]
+
+
 @pytest.mark.parametrize("name", st.PRUNERS)
 def test_pruners(name: str) -> None:
     assert st.make_pruner(name, 6) is not None
