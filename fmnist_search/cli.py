@@ -524,8 +524,9 @@ def cmd_search(args: argparse.Namespace) -> int:
     }
     multi = len(args.objectives) > 1
     seed = args.seed + (args.worker_index or 0)  # each worker its own stream, fixed by --seed
-    # TPE's random trials come after the warm start's points (the same count on resume and
-    # on every worker, so that each builds the same sampler).
+    # TPE's random trials come after the warm start's points. Counted from the flags, so
+    # every worker builds the same sampler; a study first run with --trials below the 8
+    # points and resumed with more counts the larger number (a few more random trials).
     if args.warm_start:
         from .baseline_runs import warm_start_points
 
