@@ -15,6 +15,7 @@ project's issue 6. Target: test accuracy >= 0.935 within about an hour.
 
     python benchmarks/headline.py            # full: the real thing (an hour or more on 2 cores)
     python benchmarks/headline.py --quick    # harness check: 3 trials, 1 epoch, 1,000 images
+    python benchmarks/headline.py --seed 1   # the same with another seed (split, sampler, weights)
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ def parse_args() -> Any:
     p.add_argument("--trials", type=int, default=None, help="search trials (full 50)")
     p.add_argument("--ensemble", type=int, default=None,
                    help="passed to the export step (default: the CLI's own)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="passed to the search (default: the CLI's own, 0); the baselines and "
+                        "the export read it from the study")
     args = p.parse_args()
     if args.trials is None:
         args.trials = 3 if args.quick else 50
@@ -53,12 +57,13 @@ def commands(args: Any, root: Any) -> dict[str, list[str]]:
     where = ["--study-name", STUDY, "--results-dir", str(root)]
     data = ["--data-dir", args.data_dir] if args.data_dir else []
     small = ["--epochs", "1", "--train-subset", "1000", "--val-size", "1000"] if args.quick else []
+    seed = [] if getattr(args, "seed", None) is None else ["--seed", str(args.seed)]
     from fmnist_search.cli import PLUGINS
 
     # --no-export: the final fit runs once, in the export step, after the baselines are
     # measured (so the card holds them); search + export is the default command's work.
-    steps = {"search": [*run, "--trials", str(args.trials), *small, *where, *data, "--no-progress",
-                        "--no-export"]}
+    steps = {"search": [*run, "--trials", str(args.trials), *small, *seed, *where, *data,
+                        "--no-progress", "--no-export"]}
     if "baselines" in PLUGINS:
         only = ["--only", "dense128"] if args.quick else []
         steps["baselines"] = [*run, "baselines", *only, *where, *data, "--no-progress"]
@@ -95,7 +100,7 @@ def main() -> int:
     study = optuna.load_study(study_name=STUDY, storage=f"sqlite:///{db}") if db.exists() else None
     trials = study.get_trials() if study else []
     result = {
-        "settings": {"trials": args.trials, "ensemble": args.ensemble},
+        "settings": {"trials": args.trials, "ensemble": args.ensemble, "seed": args.seed},
         "steps": steps,
         "search": {
             "complete": sum(t.state.name == "COMPLETE" for t in trials),

@@ -230,5 +230,11 @@ def test_headline_quick_commands_are_small() -> None:
     assert "--no-export" in steps["search"]
     assert steps["export"][-3:] == ["--results-dir", "/tmp/x", "--no-progress"]
     assert "--ensemble" not in steps["export"]
+    assert "--seed" not in steps["search"]
     args.ensemble = 3  # type: ignore[attr-defined]
-    assert "--ensemble 3" in " ".join(headline.commands(args, Path("/tmp/x"))["export"])
+    args.seed = 1  # type: ignore[attr-defined]
+    steps = headline.commands(args, Path("/tmp/x"))
+    assert "--ensemble 3" in " ".join(steps["export"])
+    # The seed goes to the search only: the baselines and the export read the study's.
+    assert "--seed 1" in " ".join(steps["search"])
+    assert "--seed" not in steps["baselines"] + steps["export"]
