@@ -225,7 +225,7 @@ def plot(r: dict[str, Any], quick: bool) -> None:
     ax.set_xlabel("trials finished")
     ax.set_ylabel("RSS (MB)")
     ax.set_title("Resident memory after each trial" + (" (quick form)" if quick else ""))
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper left")  # the tool's line runs along the bottom right
     common.save_figure(fig, common.plot_path(NAME, quick))
 
 
