@@ -223,7 +223,7 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         g.add_argument(
             "--kt-algorithm",
             choices=("hyperband", "bayesian", "random"),
-            default="hyperband",
+            default=None,
             help="KerasTuner's algorithm with --engine keras-tuner (default: hyperband)",
         )
         g.add_argument(
@@ -456,7 +456,11 @@ def cmd_search(args: argparse.Namespace) -> int:
         args.interim_val_size = 0
     elif args.interim_val_size is None:
         args.interim_val_size = DEFAULT_INTERIM_VAL_SIZE
+    if args.engine != "keras-tuner" and args.kt_algorithm is not None:
+        # Silently running the Optuna engine instead would look like KerasTuner's results.
+        raise UsageError("--kt-algorithm needs --engine keras-tuner")
     if args.engine == "keras-tuner":
+        args.kt_algorithm = args.kt_algorithm or "hyperband"
         if (args.workers or 1) > 1 or args.recycle_after:
             raise UsageError(
                 "--engine keras-tuner runs in one process: drop --workers/--recycle-after"

@@ -63,7 +63,21 @@ class Workers:
                 "--threads",
                 str(self.threads),
             ]
-            return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+            return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=worker_env())
+
+
+def worker_env() -> dict[str, str]:
+    """This environment, with the directory this package was imported from first on the path.
+
+    Workers then run the very code of their parent: started from a checkout that is not
+    installed (`python path/to/run_search.py` from elsewhere), `-m fmnist_search.cli` would
+    otherwise fail, or import another, installed copy of the package.
+    """
+    root = str(Path(__file__).resolve().parent.parent)
+    env = dict(os.environ)
+    rest = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != root]
+    env["PYTHONPATH"] = os.pathsep.join([root, *rest])
+    return env
 
 
 def watch(

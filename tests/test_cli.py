@@ -247,6 +247,10 @@ def test_keras_tuner_engine_from_the_command_line(
     # KerasTuner validates every image after every epoch: no interim subset.
     assert main(["--engine", "keras-tuner", "--interim-val-size", "500", *common]) == 2
     assert "--interim-val-size applies to the optuna engine" in capsys.readouterr().err
+    # Without --engine keras-tuner the Optuna engine would run under KerasTuner's name.
+    assert main(["--kt-algorithm", "bayesian", *common]) == 2
+    assert "--kt-algorithm needs --engine keras-tuner" in capsys.readouterr().err
+    assert not (tmp_path / "kt").exists()
     code = main(
         [
             "--engine",

@@ -64,6 +64,31 @@ def test_local_workers_on_default_storage(
         assert "locked" not in (tmp_path / "w" / "logs" / f"worker-{i}.log").read_text()
 
 
+def test_workers_run_their_parents_code(synthetic_dir: Path, tmp_path: Path) -> None:
+    """Started from elsewhere, with another `fmnist_search` on the path, workers still
+    import the parent's package (not the other one, and not nothing)."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT, cli_env
+
+    decoy = tmp_path / "decoy" / "fmnist_search"
+    decoy.mkdir(parents=True)
+    (decoy / "__init__.py").write_text("raise ImportError('the decoy package was imported')\n")
+    (decoy / "cli.py").write_text("")
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "run_search.py"),
+         *_args(synthetic_dir, tmp_path / "r", "w", 2, "--workers", "2")],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        env=cli_env(PYTHONPATH=str(tmp_path / "decoy")),
+    )
+    assert r.returncode == 0, r.stderr
+    for i in range(2):
+        assert "decoy" not in (tmp_path / "r" / "w" / "logs" / f"worker-{i}.log").read_text()
+    study = optuna.load_study(study_name="w", storage=f"sqlite:///{tmp_path / 'r/w/study.db'}")
+    _check_exact(study, 2)
+
+
 @pytest.mark.parametrize("workers", [2, 4])
 def test_local_workers_on_postgresql(
     workers: int, pg_url: str, synthetic_dir: Path, tmp_path: Path
