@@ -225,7 +225,11 @@ def make_storage(url: str) -> optuna.storages.BaseStorage:
         "heartbeat_stale_trial_callback": _retry_callback(),
     }
     if url.startswith("sqlite"):
-        Path(url.split("sqlite:///", 1)[1]).parent.mkdir(parents=True, exist_ok=True)
+        folder = Path(url.split("sqlite:///", 1)[1]).parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # nothing is stored yet: say so, not "rerun to continue"
+            raise StudyError(f"cannot create {folder}: {e.strerror or e}") from None
         kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
     else:
         kwargs["engine_kwargs"] = {"pool_pre_ping": True}

@@ -300,6 +300,17 @@ def test_storage_errors_are_one_line_without_password(
     assert r.returncode == 1 and "secret" not in r.stderr and "Traceback" not in r.stderr
 
 
+def test_results_dir_that_cannot_be_made_is_one_line(synthetic_dir: Path, tmp_path: Path) -> None:
+    (tmp_path / "a_file").write_text("")
+    r = run_cli(*_args(synthetic_dir, tmp_path / "a_file", "s", 1))
+    assert r.returncode == 1, r.stderr
+    # Nothing was stored, so no "rerun to continue" (the line before is the synthetic
+    # data's checksum warning).
+    last = r.stderr.strip().splitlines()[-1]
+    assert last == f"error: cannot create {tmp_path / 'a_file' / 's'}: Not a directory"
+    assert "Traceback" not in r.stderr
+
+
 def test_disk_full_during_search_keeps_the_study(
     synthetic_dir: Path,
     tmp_path: Path,
