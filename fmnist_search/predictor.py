@@ -14,6 +14,7 @@ import gzip
 import json
 import math
 import re
+import zlib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -201,8 +202,8 @@ def _idx_magic(path: Path) -> bytes:
         try:
             with gzip.open(path, "rb") as g:
                 return g.read(4)
-        except (OSError, EOFError):
-            return b""
+        except (OSError, EOFError, zlib.error) as e:  # a gzip file, but not a readable one
+            raise ImageError(f"{path}: corrupt gzip data ({e})") from None
     return head
 
 

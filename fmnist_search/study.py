@@ -59,6 +59,11 @@ def check_storage_url(url: str) -> str:
             f"unsupported storage scheme {scheme or url!r}: use one of "
             + ", ".join(f"{s}://" for s in STORAGE_SCHEMES)
         )
+    if scheme.lower() == "sqlite" and not (url.startswith("sqlite:///") and url[10:]):
+        # SQLAlchemy's form: the file's path after three slashes (four when absolute).
+        raise ValueError(
+            f"a SQLite URL is sqlite:///relative/path.db or sqlite:////absolute/path.db, not {url}"
+        )
     return url
 
 

@@ -38,6 +38,8 @@ def _run(*args: str, cwd: Path = ROOT, timeout: int = 300) -> subprocess.Complet
         ["--sampler", "annealing"],
         ["--pruner", "sometimes"],
         ["--storage", "redis://localhost/0"],
+        ["--storage", "sqlite://x.db"],
+        ["--storage", "sqlite:///"],
         ["--study-name", "../escape"],
         ["--study-name", "a/b"],
         ["--seed", "-1"],

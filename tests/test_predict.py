@@ -224,6 +224,8 @@ def test_lambda_layer_refused_by_safe_mode(
         ("obj.npy", np.array([{"a": 1}], dtype=object), "not a readable .npy"),
         ("labels-idx1-ubyte.gz", "labels", "IDX labels file"),
         ("short-idx3-ubyte", "truncated", "truncated"),
+        # A gzip header, then bytes that do not inflate.
+        ("broken-idx3-ubyte.gz", b"\x1f\x8b\x08\x00" + bytes(6) + b"\xff" * 40, "corrupt gzip"),
     ],
 )
 def test_bad_inputs_one_line_exit_1(
