@@ -527,7 +527,6 @@ def cmd_search(args: argparse.Namespace) -> int:
         **protocol_entries(args.objectives, args.max_params, args.max_latency_ms),
     }
     multi = len(args.objectives) > 1
-    seed = args.seed + (args.worker_index or 0)  # each worker its own stream, fixed by --seed
     # TPE's random trials come after the warm start's points. Counted from the flags, so
     # every worker builds the same sampler; a study first run with --trials below the 8
     # points and resumed with more counts the larger number (a few more random trials).
@@ -537,11 +536,17 @@ def cmd_search(args: argparse.Namespace) -> int:
         queued_points = len(warm_start_points(space, limit=args.trials))
     else:
         queued_points = 0
-    try:
-        sampler = (
+
+    def make_sampler(finished: int) -> Any:
+        # Each worker its own stream, fixed by --seed; another after a resume or recycle.
+        seed = st.process_seed(args.seed, args.worker_index or 0, finished)
+        return (
             make_mo_sampler(args.sampler, seed, enqueued=queued_points) if multi
             else st.make_sampler(args.sampler, seed, enqueued=queued_points)
         )
+
+    try:
+        sampler = make_sampler(0)
     except ValueError as e:
         raise UsageError(str(e)) from None
     worker = args.worker_index is not None
@@ -569,6 +574,9 @@ def cmd_search(args: argparse.Namespace) -> int:
             console.print(
                 f"[yellow]marked interrupted trial(s) {stale} as failed; each is retried[/yellow]"
             )
+    finished = sum(t.state.is_finished() for t in study.get_trials(deepcopy=False))
+    if finished:
+        study.sampler = make_sampler(finished)
 
     def make_objective(progress: Any = None) -> Objective:
         mo = None

@@ -17,6 +17,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import optuna
 from optuna.storages._heartbeat import is_heartbeat_enabled
 from optuna.study import StudyDirection
@@ -96,6 +97,19 @@ def make_sampler(name: str, seed: int, enqueued: int = 0) -> optuna.samplers.Bas
         # multivariate/group TPE and QMC are marked experimental; the flags are stable in use.
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return _make_sampler(name, seed, enqueued)
+
+
+def process_seed(seed: int, worker_index: int, finished: int) -> int:
+    """The sampler's seed in one process: `--seed`, the worker's index, the trials already
+    finished when the process starts.
+
+    A fresh search keeps `seed + worker_index`. A resumed or recycled process gets a stream
+    of its own: with the same seed it would replay the random draws of the process before
+    it (random search, TPE's random trials), the same configurations again.
+    """
+    if finished == 0:
+        return seed + worker_index
+    return int(np.random.SeedSequence([seed, worker_index, finished]).generate_state(1)[0])
 
 
 def _make_sampler(name: str, seed: int, enqueued: int = 0) -> optuna.samplers.BaseSampler:

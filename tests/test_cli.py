@@ -145,8 +145,9 @@ def test_no_warm_start_searches_from_the_sampler_alone(
     tmp_path: Path, synthetic_dir: Path
 ) -> None:
     res = tmp_path / "res"
-    r = _run("--trials", "1", "--epochs", "1", "--no-warm-start", "--no-export", "--no-progress",
-             "--data-dir", str(synthetic_dir), "--results-dir", str(res), "--study-name", "cold")
+    flags = ["--epochs", "1", "--no-warm-start", "--no-export", "--no-progress",
+             "--data-dir", str(synthetic_dir), "--results-dir", str(res), "--study-name", "cold"]
+    r = _run("--trials", "1", *flags)
     assert r.returncode == 0, r.stderr
     assert "warm start" not in r.stdout + r.stderr
 
@@ -155,6 +156,11 @@ def test_no_warm_start_searches_from_the_sampler_alone(
     study = optuna.load_study(study_name="cold", storage=f"sqlite:///{res / 'cold' / 'study.db'}")
     assert len(study.trials) == 1
     assert "warm_start_from" not in study.trials[0].user_attrs
+    # Resumed, TPE is still in its random trials: a new stream, not trial 0's draws again.
+    r = _run("--trials", "2", *flags)
+    assert r.returncode == 0, r.stderr
+    first, second = study.get_trials()
+    assert second.params != first.params
 
 
 def test_warm_start_is_for_the_optuna_engine(

@@ -244,3 +244,12 @@ def test_ctrl_c_while_the_heartbeat_starts_leaves_no_thread(
     finally:
         for _, _, stop in st._heartbeat_threads():  # never leave pytest unable to exit
             stop.set()
+
+
+def test_process_seed_keeps_fresh_searches_and_varies_resumed_ones() -> None:
+    from fmnist_search.study import process_seed
+
+    assert [process_seed(3, i, 0) for i in range(3)] == [3, 4, 5]  # as before: --seed + index
+    resumed = {process_seed(3, i, n) for i in range(3) for n in (1, 2, 25, 50)}
+    assert len(resumed) == 12 and not resumed & {3, 4, 5}
+    assert process_seed(3, 1, 25) == process_seed(3, 1, 25)  # fixed by --seed and the history
