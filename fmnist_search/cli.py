@@ -199,10 +199,12 @@ def build_parser(command: str) -> argparse.ArgumentParser:
             help="stop starting trials after SECONDS",
         )
         g.add_argument(
-            "--sampler", choices=st.SAMPLERS, default="tpe", help="default: tpe (seeded)"
+            "--sampler", choices=st.SAMPLERS, default=None,
+            help="default: tpe (seeded); the optuna engine's",
         )
         g.add_argument(
-            "--pruner", choices=st.PRUNERS, default="hyperband", help="default: hyperband"
+            "--pruner", choices=st.PRUNERS, default=None,
+            help="default: hyperband; the optuna engine's",
         )
         g.add_argument(
             "--max-failures",
@@ -456,6 +458,14 @@ def cmd_search(args: argparse.Namespace) -> int:
         args.interim_val_size = 0
     elif args.interim_val_size is None:
         args.interim_val_size = DEFAULT_INTERIM_VAL_SIZE
+    if args.engine == "keras-tuner" and (args.sampler or args.pruner):
+        # KerasTuner's algorithm samples and stops trials itself.
+        raise UsageError(
+            "--sampler and --pruner apply to the optuna engine; with --engine keras-tuner "
+            "choose --kt-algorithm"
+        )
+    args.sampler = args.sampler or "tpe"
+    args.pruner = args.pruner or "hyperband"
     if args.engine != "keras-tuner" and args.kt_algorithm is not None:
         # Silently running the Optuna engine instead would look like KerasTuner's results.
         raise UsageError("--kt-algorithm needs --engine keras-tuner")
@@ -634,7 +644,9 @@ def cmd_search(args: argparse.Namespace) -> int:
         f"{done} of {args.trials} trials finished; {len(folds.splits)} split(s): "
         f"{len(folds.splits[0][0])} training / {len(folds.splits[0][1])} "
         f"validation images, {protocol.epochs} epoch(s) per trial, "
-        f"sampler {args.sampler}, pruner {args.pruner}, seed {args.seed}",
+        + (f"keras-tuner {args.kt_algorithm}" if args.engine == "keras-tuner"
+           else f"sampler {args.sampler}, pruner {args.pruner}")
+        + f", seed {args.seed}",
         highlight=False,
     )
     from .progress import SearchProgress
@@ -658,6 +670,10 @@ def cmd_search(args: argparse.Namespace) -> int:
         elif args.engine == "keras-tuner":
             from .kt_engine import run_keras_tuner
 
+            if args.threads:
+                from .workers import set_threads
+
+                set_threads(args.threads)
             with sink:
                 run_keras_tuner(
                     study,
@@ -670,6 +686,7 @@ def cmd_search(args: argparse.Namespace) -> int:
                     results_dir=Path(args.results_dir),
                     timeout=args.timeout,
                     progress=sink,
+                    max_failures=args.max_failures,
                 )
         else:
             if args.threads:

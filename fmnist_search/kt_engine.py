@@ -458,6 +458,7 @@ def run_keras_tuner(
     results_dir: Path,
     timeout: float | None,
     progress: ProgressSink | None = None,
+    max_failures: int | None = None,
 ) -> None:
     """Search with KerasTuner until the study holds `total_trials` finished trials.
 
@@ -474,6 +475,8 @@ def run_keras_tuner(
         timeout: Stop starting new trials after this many seconds.
         progress: The CLI's `SearchProgress` (a ProgressSink, called with (study, trial) as
             an Optuna callback after each recorded trial), or None.
+        max_failures: Failed trials in a row that stop the search (`--max-failures`;
+            default MAX_CONSECUTIVE_FAILURES).
 
     Raises:
         KerasTunerError: tensorboard missing, K-fold, an unknown algorithm, a run of
@@ -492,6 +495,7 @@ def run_keras_tuner(
     engine = _Engine(study, folds, space, protocol, algorithm, total_trials, timeout, progress)
     if engine.should_stop():
         return
+    max_failures = max_failures or MAX_CONSECUTIVE_FAILURES
     kt_dir = st.study_dir(results_dir, study.study_name) / "keras_tuner" / algorithm
     resume = _project_state(study, kt_dir, engine.engine)
     kwargs: dict[str, Any] = {
@@ -503,7 +507,7 @@ def run_keras_tuner(
         "project_name": study.study_name,
         "overwrite": not resume,
         "max_retries_per_trial": 0,
-        "max_consecutive_failed_trials": MAX_CONSECUTIVE_FAILURES,
+        "max_consecutive_failed_trials": max_failures,
     }
     if algorithm == "hyperband":
         kwargs.update(max_epochs=protocol.epochs, factor=HYPERBAND_FACTOR,
@@ -536,7 +540,7 @@ def run_keras_tuner(
         if "consecutive failures" in str(e):
             last = engine.reasons[-1] if engine.reasons else _last_line(str(e))
             raise KerasTunerError(
-                f"stopped after {MAX_CONSECUTIVE_FAILURES} failed KerasTuner trials in a row; "
+                f"stopped after {max_failures} failed KerasTuner trials in a row; "
                 f"last: {last}"
             ) from None
         raise KerasTunerError(f"KerasTuner stopped: {_first_line(e)}") from None

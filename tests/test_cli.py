@@ -258,6 +258,10 @@ def test_keras_tuner_engine_from_the_command_line(
     # Without --engine keras-tuner the Optuna engine would run under KerasTuner's name.
     assert main(["--kt-algorithm", "bayesian", *common]) == 2
     assert "--kt-algorithm needs --engine keras-tuner" in capsys.readouterr().err
+    # KerasTuner samples and stops trials itself: Optuna's choices would be ignored.
+    assert main(["--engine", "keras-tuner", "--pruner", "none", *common]) == 2
+    assert "apply to the optuna engine" in capsys.readouterr().err
+    assert not (tmp_path / "kt").exists()
     assert not (tmp_path / "kt").exists()
     code = main(
         [

@@ -265,9 +265,8 @@ def test_all_failed_trials_surface_keras_tuners_error(
 
 
 def test_diverging_trials_are_recorded_failed_with_the_reason(
-    tiny_dataset: Dataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_dataset: Dataset, tmp_path: Path
 ) -> None:
-    monkeypatch.setattr(kt_engine, "MAX_CONSECUTIVE_FAILURES", 2)
     protocol = SearchProtocol(epochs=2)
     folds = make_folds(tiny_dataset, protocol)
     nan_folds = Folds(x=np.full_like(folds.x, np.nan), y=folds.y, splits=folds.splits,
@@ -276,7 +275,8 @@ def test_diverging_trials_are_recorded_failed_with_the_reason(
     space = space_from_dict({"activation": ["tanh"], "pooling": ["avg"]}, base=TINY)
     study = _open(tmp_path, "kt-nan", protocol, space)
     with pytest.raises(KerasTunerError, match="first error: diverged: loss became nan"):
-        _run(study, nan_folds, protocol, tmp_path, "random", 2, space=space)
+        # --max-failures 2: the search stops after the second failure in a row.
+        _run(study, nan_folds, protocol, tmp_path, "random", 5, space=space, max_failures=2)
     trials = study.get_trials()
     assert [t.state for t in trials] == [TrialState.FAIL] * 2
     for t in trials:
