@@ -1,7 +1,7 @@
 """Command line: argv -> validated settings -> the search, leaderboard and other commands.
 
 Exit codes: 0 done, 1 a runtime error (data, storage, failed search), 2 bad arguments,
-130 interrupted with Ctrl-C.
+130 interrupted with Ctrl-C (or SIGTERM, handled the same way).
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -383,11 +384,25 @@ def err(msg: str) -> None:
     print(f"error: {msg}", file=sys.stderr)
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; return its exit code (never raises for user errors)."""
     command, rest = _split_command(list(sys.argv[1:] if argv is None else argv))
     args = build_parser(command).parse_args(rest)
     args.argv = rest
+    # A supervisor's SIGTERM (and a worker's when its parent dies) gets Ctrl-C's handling:
+    # the running trial marked failed, workers told, the leaderboard printed, exit 130.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        return _main(command, args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _main(command: str, args: argparse.Namespace) -> int:
     try:
         if command == "search":
             return cmd_search(args)
@@ -610,6 +625,9 @@ def cmd_search(args: argparse.Namespace) -> int:
         if args.deadline is not None:  # the parent's --timeout, across recycled processes
             timeout = max(0.001, args.deadline - time.time())
         try:
+            from .workers import die_with_parent
+
+            die_with_parent()
             recycle = st.run_trials(
                 study,
                 make_objective(),

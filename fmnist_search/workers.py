@@ -6,6 +6,7 @@ mechanism that lets several machines share one PostgreSQL study.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import subprocess
@@ -77,7 +78,31 @@ def worker_env() -> dict[str, str]:
     env = dict(os.environ)
     rest = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != root]
     env["PYTHONPATH"] = os.pathsep.join([root, *rest])
+    env[PARENT_PID_ENV] = str(os.getpid())
     return env
+
+
+PARENT_PID_ENV = "FMNIST_SEARCH_PARENT_PID"
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def die_with_parent() -> None:
+    """In a worker: have Linux send SIGTERM (handled as Ctrl-C) when the parent dies.
+
+    A parent killed outright (SIGKILL, a crash) would otherwise leave its workers training
+    on, and a rerun would start new ones beside them. Raises KeyboardInterrupt if the
+    parent is already gone; does nothing where prctl is missing (not Linux).
+    """
+    parent = os.environ.get(PARENT_PID_ENV)
+    if not parent:
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != int(parent):  # it died before the request was made
+        raise KeyboardInterrupt
 
 
 def watch(

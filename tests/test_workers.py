@@ -286,6 +286,34 @@ def test_sigint_marks_trial_prints_leaderboard_exit_130(slower_dir: Path, tmp_pa
     assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.trials) == 3
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_stopping_the_parent_stops_its_workers(
+    sig: signal.Signals, slower_dir: Path, tmp_path: Path
+) -> None:
+    """SIGTERM is handled as Ctrl-C; a parent killed outright takes its workers with it
+    (they would otherwise train on beside the next run's)."""
+    import psutil
+
+    args = _args(slower_dir, tmp_path, "t", 60, "--workers", "2", "--pruner", "none",
+                 "--epochs", "3", "--train-subset", "0")
+    db = f"sqlite:///{tmp_path / 't' / 'study.db'}"
+    proc = popen_cli(*args)
+    _wait_for_running(db, "t", proc, min_finished=0)
+    workers = psutil.Process(proc.pid).children()
+    assert len(workers) == 2
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    if sig == signal.SIGTERM:
+        assert proc.returncode == 130, err
+        assert "Leaderboard" in out and "Traceback" not in err
+    _, alive = psutil.wait_procs(workers, timeout=90)
+    assert not alive, "workers outlived their parent"
+    trials = optuna.load_study(study_name="t", storage=db).get_trials()
+    assert not [t.number for t in trials if t.state == TrialState.RUNNING]
+    assert any("interrupted" in t.user_attrs.get("fail_reason", "") for t in trials)
+    assert len([t for t in trials if t.state.is_finished()]) < 60
+
+
 def test_storage_errors_are_one_line_without_password(
     synthetic_dir: Path, tmp_path: Path, pg_url: str
 ) -> None:
