@@ -27,6 +27,7 @@ PLUGINS: dict[str, str] = {
 }
 SUBCOMMANDS = ("search", "leaderboard", *PLUGINS)
 EXIT_RUNTIME, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+DEFAULT_VAL_SIZE = 10_000
 
 
 class UsageError(Exception):
@@ -145,8 +146,9 @@ def add_protocol_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--val-size",
         type=int_at_least(1),
-        default=10_000,
-        help="holdout validation images (default: 10000 of the 60000)",
+        default=None,
+        help=f"holdout validation images (default: {DEFAULT_VAL_SIZE} of the 60000; a sixth "
+        "of a training set under twice that)",
     )
     g.add_argument(
         "--train-subset",
@@ -534,10 +536,16 @@ def cmd_search(args: argparse.Namespace) -> int:
     except DataError as e:
         err(str(e))
         return EXIT_RUNTIME
+    if args.val_size and not args.cv and args.val_size > len(data.y_train) // 2:
+        # The default shrinks to a sixth of a small set; a value the user gave does not.
+        raise UsageError(
+            f"--val-size {args.val_size} is more than half of the {len(data.y_train)} "
+            "training images"
+        )
     protocol = SearchProtocol(
         epochs=args.epochs,
         cv=args.cv,
-        val_size=args.val_size,
+        val_size=args.val_size or DEFAULT_VAL_SIZE,
         train_subset=args.train_subset or None,
         seed=args.seed,
         interim_val_size=args.interim_val_size,

@@ -59,6 +59,18 @@ def test_bad_arguments_exit_2_one_line_nothing_written(
     assert not results.exists()
 
 
+def test_val_size_over_half_the_training_set_exit_2(
+    tmp_path: Path, synthetic_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The default shrinks to fit a small data set (240 images here); a given size does not.
+    code = main(["--val-size", "200", "--data-dir", str(synthetic_dir),
+                 "--results-dir", str(tmp_path / "r")])
+    assert code == 2
+    assert "--val-size 200 is more than half of the 240 training images" in (
+        capsys.readouterr().err)
+    assert not (tmp_path / "r").exists()
+
+
 def test_bad_space_file_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     f = tmp_path / "space.yaml"
     f.write_text("pooling: [max, median]\n")
