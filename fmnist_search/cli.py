@@ -455,6 +455,21 @@ def load_space_arg(args: argparse.Namespace) -> Any:
 
 def cmd_search(args: argparse.Namespace) -> int:
     """The search: verify data, open or resume the study, run trials, print the leaderboard."""
+    if args.no_export:
+        from .export import FINAL_FIT_MINUTES
+
+        given = [flag for flag, on in (
+            ("--final-epochs", args.final_epochs is not None),
+            ("--no-final-fit", args.no_final_fit),
+            ("--final-minutes", args.final_minutes != FINAL_FIT_MINUTES),
+            ("--augment", args.augment),
+            ("--ensemble", args.ensemble is not None),
+        ) if on]
+        if given:  # they shape the export, which --no-export skips: say so, not ignore them
+            raise UsageError(
+                f"--no-export skips the final fit: drop {', '.join(given)} (or pass them to "
+                "the export command)"
+            )
     if args.no_final_fit and args.final_epochs is not None:
         raise UsageError("--final-epochs and --no-final-fit exclude each other")
     if args.no_final_fit and args.augment:

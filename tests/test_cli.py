@@ -59,6 +59,15 @@ def test_bad_arguments_exit_2_one_line_nothing_written(
     assert not results.exists()
 
 
+def test_final_fit_flags_with_no_export_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["--no-export", "--ensemble", "3", "--augment", "--results-dir", str(tmp_path)])
+    assert code == 2
+    assert "--no-export skips the final fit: drop --augment, --ensemble" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
 def test_val_size_over_half_the_training_set_exit_2(
     tmp_path: Path, synthetic_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
