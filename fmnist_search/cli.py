@@ -496,6 +496,12 @@ def cmd_search(args: argparse.Namespace) -> int:
             "--sampler and --pruner apply to the optuna engine; with --engine keras-tuner "
             "choose --kt-algorithm"
         )
+    if len(args.objectives) > 1 and args.pruner not in (None, "none"):
+        # Optuna's pruners refuse multi-objective studies; the search's own rule runs instead.
+        raise UsageError(
+            f"--pruner {args.pruner} does not apply with several objectives: they prune by "
+            "their own rule on the accuracy curve (README); --pruner none turns it off"
+        )
     args.sampler = args.sampler or "tpe"
     args.pruner = args.pruner or "hyperband"
     if args.engine != "keras-tuner" and args.kt_algorithm is not None:

@@ -68,6 +68,16 @@ def test_final_fit_flags_with_no_export_exit_2(
     assert not any(tmp_path.iterdir())
 
 
+def test_optuna_pruners_with_several_objectives_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["--objectives", "accuracy,params", "--pruner", "median",
+                 "--results-dir", str(tmp_path)])
+    assert code == 2
+    assert "--pruner median does not apply with several objectives" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
 def test_val_size_over_half_the_training_set_exit_2(
     tmp_path: Path, synthetic_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
