@@ -1224,6 +1224,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--ensemble and --no-final-fit exclude each other")
     if args.pareto and (args.ensemble or 1) > 1:
         raise UsageError("--pareto exports each front trial alone; it takes no --ensemble")
+    if args.pareto and args.trial is not None:
+        raise UsageError("--pareto exports the whole front; it takes no --trial")
     args.ensemble_given = args.ensemble  # the card's command line: as typed
     args.ensemble = resolve_ensemble(
         args.ensemble, single=args.trial is not None or args.pareto or args.no_final_fit
@@ -1287,9 +1289,6 @@ def _run_pareto(args: argparse.Namespace, study: optuna.Study, data: Dataset, co
     from . import study as st
     from .cli import EXIT_INTERRUPTED, EXIT_RUNTIME, err
 
-    if args.trial is not None:
-        err("--pareto exports the whole front; it takes no --trial")
-        return EXIT_RUNTIME
     front = pareto_trials(study)
     if not front:
         err(f"study {study.study_name!r} has no complete, feasible trial to export")
@@ -1318,4 +1317,13 @@ def _run_pareto(args: argparse.Namespace, study: optuna.Study, data: Dataset, co
         card = json.loads((out_dir / CARD_FILE).read_text(encoding="utf-8"))
         print(f"trial {t.number}: {card['params']:,} params, test accuracy "
               f"{card['test_accuracy']:.4f} -> {out_dir}")
+    # An earlier export's folders stay (they may be in use), but the front is named.
+    (root / "front.json").write_text(
+        json.dumps({"trials": [t.number for t in front]}) + "\n", encoding="utf-8"
+    )
+    current = {f"trial-{t.number}" for t in front}
+    stale = sorted(p.name for p in root.glob("trial-*") if p.name not in current)
+    if stale:
+        console.print(f"[yellow]no longer on the front (kept): {', '.join(stale)}; the front "
+                      f"is listed in {root / 'front.json'}[/yellow]", highlight=False)
     return 0

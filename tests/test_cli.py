@@ -256,6 +256,11 @@ def test_multi_objective_search_with_limit_and_pareto_export(
     assert main(["export", "--pareto", "--final-epochs", "1", "--no-progress", *common]) == 0
     cards = sorted((tmp_path / "mo" / "pareto").glob("trial-*/model_card.json"))
     assert cards and all(json.loads(c.read_text())["params"] <= 150_000 for c in cards)
+    front = json.loads((tmp_path / "mo" / "pareto" / "front.json").read_text())["trials"]
+    assert sorted(f"trial-{n}" for n in front) == sorted(c.parent.name for c in cards)
+    capsys.readouterr()
+    assert main(["export", "--pareto", "--trial", "0", *common]) == 2  # before TensorFlow
+    assert "--pareto exports the whole front; it takes no --trial" in capsys.readouterr().err
 
 
 def test_bad_objectives_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
