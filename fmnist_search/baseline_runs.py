@@ -63,6 +63,8 @@ def _normalise(key: str, value: Any) -> Any:
         return value or None
     if key == "interim_val_size" and value is None:  # the optuna engine's default
         return cli.DEFAULT_INTERIM_VAL_SIZE
+    if key == "val_size" and value is None:  # the search's default (resolved after parsing)
+        return cli.DEFAULT_VAL_SIZE
     return value
 
 
