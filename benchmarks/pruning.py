@@ -16,7 +16,14 @@ pruner can, for example:
     python benchmarks/pruning.py --pruner sha --epochs 9 --trials 30 --train-subset 2000 \
         --val-size 2000
 
-Results go to `pruning.json`, or `pruning-<pruner>.json` for a pruner other than Hyperband.
+After TPE's random trials the two runs of a seed part ways: each proposes from its own
+results, so their best trials differ by the path as well as by what pruning cut.
+`--sampler random` proposes the same configurations in the same order in both runs (the
+sampler's draws do not depend on results; each trial's weights are seeded by its number),
+so any accuracy lost is a trial that pruning stopped and that would have been the best.
+
+Results go to `pruning.json`, or `pruning-<pruner>.json` for a pruner other than Hyperband
+(`-random` added with `--sampler random`).
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ DESCRIBED = {
 SHORT = {"hyperband": "Hyperband", "sha": "successive halving", "median": "median pruner"}
 TARGET_SAVING_PCT = 60.0
 TARGET_LOSS_PTS = 0.2
+SAMPLERS = ("tpe", "random")
 
 
 def parse_args() -> Any:
@@ -46,6 +54,8 @@ def parse_args() -> Any:
     p.add_argument("--epochs", type=int, default=3, help="epochs per trial (default 3)")
     p.add_argument("--pruner", choices=PRUNERS, default="hyperband",
                    help="the pruner set against none (default: hyperband, the CLI's)")
+    p.add_argument("--sampler", choices=SAMPLERS, default="tpe",
+                   help="tpe (the CLI's default) or random: the same trials in both runs")
     p.add_argument("--train-subset", type=int, default=None, help="training images (full 10000)")
     p.add_argument("--val-size", type=int, default=None, help="validation images (full 10000)")
     args = p.parse_args()
@@ -69,9 +79,30 @@ def summarise(trials: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def result_name(pruner: str) -> str:
-    """The JSON and doc-section name: the default pruner's is plain `pruning`."""
-    return NAME if pruner == "hyperband" else f"{NAME}-{pruner}"
+def result_name(pruner: str, sampler: str = "tpe") -> str:
+    """The JSON and doc-section name: the default pruner's, under TPE, is plain `pruning`."""
+    return (NAME if pruner == "hyperband" else f"{NAME}-{pruner}") + (
+        "" if sampler == "tpe" else f"-{sampler}")
+
+
+def best_fates(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per seed: the unpruned run's best trial and what became of the same-numbered trial
+    in the pruned run (the same configuration under `--sampler random`)."""
+    by = {(r["seed"], r["pruner"]): r for r in runs}
+    fates = []
+    for (seed, pruner), on in sorted(by.items()):
+        off = by.get((seed, "none"))
+        if pruner == "none" or off is None:
+            continue
+        done = [t for t in off["trials"] if t["state"] == "COMPLETE" and t["value"] is not None]
+        if not done:
+            continue
+        best = max(done, key=lambda t: t["value"])
+        twin = next((t for t in on["trials"] if t["number"] == best["number"]), None)
+        fates.append({"seed": seed, "number": best["number"], "value": best["value"],
+                      "state": twin["state"] if twin else None,
+                      "epochs_run": twin["epochs_run"] if twin else None})
+    return fates
 
 
 def compare(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -97,7 +128,7 @@ def compare(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def main() -> int:
     args = parse_args()
-    name = result_name(args.pruner)
+    name = result_name(args.pruner, args.sampler)
     if args.render_only:
         saved = common.load_result(name, args.quick)
         print(f"updated {common.update_doc(name, args.quick, render(saved))}")
@@ -120,7 +151,7 @@ def main() -> int:
             root = common.RUNS / f"{name}-{common.form(args.quick)}"
             run_dir = common.fresh_dir(root / run)
             study = st.open_study(
-                st.default_storage(run_dir, run), run, st.make_sampler("tpe", seed),
+                st.default_storage(run_dir, run), run, st.make_sampler(args.sampler, seed),
                 st.make_pruner(pruner, protocol.steps),
                 {**protocol.to_dict(), "space": space.to_dict()},
             )
@@ -137,7 +168,7 @@ def main() -> int:
     result = {
         "settings": {"trials": args.trials, "seeds": args.seeds, "epochs": args.epochs,
                      "train_images": len(folds.splits[0][0]), "val_images": len(folds.splits[0][1]),
-                     "sampler": "tpe", "pruner": args.pruner},
+                     "sampler": args.sampler, "pruner": args.pruner},
         "runs": runs,
         **compare(runs),
     }
@@ -148,6 +179,7 @@ def main() -> int:
 def render(r: dict[str, Any]) -> str:
     s = r["settings"]
     pruner = s.get("pruner", "hyperband")  # results from before --pruner: Hyperband
+    paired = s.get("sampler", "tpe") == "random"
     rows = []
     for run in r["runs"]:
         m = run["summary"]
@@ -159,13 +191,17 @@ def render(r: dict[str, Any]) -> str:
     return "\n\n".join([
         common.section_title(
             "Pruning: epochs saved and accuracy kept"
-            + ("" if pruner == "hyperband"
-               else f" ({SHORT[pruner]}, {s['epochs']} epochs per trial)"),
+            + ("" if pruner == "hyperband" and not paired
+               else f" ({SHORT[pruner]}, {s['epochs']} epochs per trial"
+               + (", the same trials in both runs)" if paired else ")")),
             r["form"] == "quick"),
         common.provenance(r),
-        f"TPE (seeded), {s['trials']} trials per run, {s['epochs']} epoch(s) per trial, "
+        ("Random search" if paired else "TPE")
+        + f" (seeded), {s['trials']} trials per run, {s['epochs']} epoch(s) per trial, "
         f"{s['train_images']:,} training / {s['val_images']:,} validation images, "
-        f"{s['seeds']} seed(s); {DESCRIBED[pruner]} against none.",
+        f"{s['seeds']} seed(s); {DESCRIBED[pruner]} against none."
+        + (" Both runs of a seed train the same configurations in the same order, with the "
+           "same initial weights: what the pruned run loses, pruning cut." if paired else ""),
         common.md_table(["seed", "pruner", "epochs trained", "complete", "pruned", "failed",
                          "best val acc", "wall time"], rows),
         f"Mean over seeds: pruning trains **{saved:.1f}% fewer epochs**."
@@ -173,10 +209,23 @@ def render(r: dict[str, Any]) -> str:
         f"Best validation accuracy lost with pruning: "
         f"**{lost:+.2f} points** (negative: pruning found a better model)."
         if lost is not None else "Accuracy difference: n/a (a run had no complete trial).",
+        *([fates_text(best_fates(r["runs"]))] if paired else []),
         common.verdict(met, f">= {TARGET_SAVING_PCT:.0f}% fewer epochs for <= "
                        f"{TARGET_LOSS_PTS} points of best accuracy lost"),
         bound_note(s["epochs"], pruner),
     ])
+
+
+def fates_text(fates: list[dict[str, Any]]) -> str:
+    """One line per seed: was the unpruned run's best trial kept by the pruner?"""
+    lines = []
+    for f in fates:
+        fate = ("complete there too" if f["state"] == "COMPLETE"
+                else f"pruned there after {f['epochs_run']} epoch(s)" if f["state"] == "PRUNED"
+                else f"{(f['state'] or 'missing').lower()} there")
+        lines.append(f"- seed {f['seed']}: the best trial without pruning, trial "
+                     f"{f['number']} ({common.acc(f['value'])}), was {fate}.")
+    return "\n".join(lines) if lines else "No unpruned run had a complete trial."
 
 
 def max_saving(epochs: int, rf: int = 3, pruner: str = "hyperband") -> tuple[list[int], float]:

@@ -166,6 +166,41 @@ def test_pruning_with_successive_halving() -> None:
     assert "74%" in text and pruning.result_name("sha") == "pruning-sha"
 
 
+def test_pruning_with_the_same_trials_in_both_runs() -> None:
+    def trial(number: int, state: str, value: float, epochs: int) -> dict:
+        return {"number": number, "state": state, "value": value, "epochs_run": epochs}
+
+    runs = [{"seed": 0, "pruner": "sha", "wall_s": 1.0,
+             "summary": {"epochs": 11, "complete": 1, "pruned": 2, "failed": 0, "best": 0.80},
+             "trials": [trial(0, "COMPLETE", 0.80, 9), trial(1, "PRUNED", 0.50, 1),
+                        trial(2, "PRUNED", 0.70, 1)]},
+            {"seed": 0, "pruner": "none", "wall_s": 2.0,
+             "summary": {"epochs": 27, "complete": 3, "pruned": 0, "failed": 0, "best": 0.85},
+             "trials": [trial(0, "COMPLETE", 0.80, 9), trial(1, "COMPLETE", 0.60, 9),
+                        trial(2, "COMPLETE", 0.85, 9)]},
+            {"seed": 1, "pruner": "sha", "wall_s": 1.0,
+             "summary": {"epochs": 19, "complete": 2, "pruned": 1, "failed": 0, "best": 0.9},
+             "trials": [trial(0, "COMPLETE", 0.90, 9), trial(1, "PRUNED", 0.50, 1),
+                        trial(2, "COMPLETE", 0.88, 9)]},
+            {"seed": 1, "pruner": "none", "wall_s": 2.0,
+             "summary": {"epochs": 27, "complete": 3, "pruned": 0, "failed": 0, "best": 0.9},
+             "trials": [trial(0, "COMPLETE", 0.90, 9), trial(1, "COMPLETE", 0.55, 9),
+                        trial(2, "COMPLETE", 0.88, 9)]}]
+    fates = pruning.best_fates(runs)
+    assert [(f["seed"], f["number"], f["state"], f["epochs_run"]) for f in fates] == [
+        (0, 2, "PRUNED", 1), (1, 0, "COMPLETE", 9)]
+    assert pruning.result_name("sha", "random") == "pruning-sha-random"
+    assert pruning.result_name("hyperband", "random") == "pruning-random"
+    text = pruning.render(_result(settings={"trials": 3, "seeds": 2, "epochs": 9,
+                                            "train_images": 1000, "val_images": 1000,
+                                            "pruner": "sha", "sampler": "random"},
+                                  runs=runs, **pruning.compare(runs)))
+    assert "the same trials in both runs" in text and "Random search (seeded)" in text
+    assert "trial 2 (0.8500), was pruned there after 1 epoch(s)" in text
+    assert "trial 0 (0.9000), was complete there too" in text
+    assert "**+2.50 points**" in text and "**not met**" in text
+
+
 def test_overhead_memory_workers_and_headline_render(docs: Path) -> None:
     o = overhead.render(_result(
         settings={"train_images": 2000, "val_images": 1000, "epochs": 1, "repeats": 2,
