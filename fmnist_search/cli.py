@@ -909,13 +909,17 @@ def _print_leaderboard(study: Any, top: int, console: Any, results_dir: str | No
             err(f"could not write the leaderboard files: {e.strerror or e}")
 
 
-def study_leaderboard(study: Any, warn: Callable[[str], None] | None = None) -> Any:
-    """The study's leaderboard DataFrame with its measured and documented baselines."""
+def study_leaderboard(
+    study: Any, warn: Callable[[str], None] | None = None, baselines: Any = None
+) -> Any:
+    """The study's leaderboard DataFrame with its measured (loaded unless given) and
+    documented baselines."""
     from searchspace.baselines import BASELINES
 
     from .leaderboard import leaderboard, load_baseline_trials
 
-    baselines = load_baseline_trials(study._storage, study.study_name, warn=warn)
+    if baselines is None:
+        baselines = load_baseline_trials(study._storage, study.study_name, warn=warn)
     objectives = study.user_attrs.get("protocol", {}).get("objectives", ["accuracy"])
     return leaderboard(
         st.trials_with_annotations(study),

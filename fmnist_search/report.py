@@ -31,8 +31,6 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from optuna.trial import FrozenTrial, TrialState
 
-from searchspace.baselines import BASELINES
-
 from . import study as st
 from .cli import (
     EXIT_RUNTIME,
@@ -42,11 +40,11 @@ from .cli import (
     err,
     int_at_least,
     load_stored_study,
+    study_leaderboard,
 )
 from .leaderboard import (
     DOCUMENTED_NOTE,
     atomic_write,
-    leaderboard,
     load_baseline_trials,
     unranked_summary,
     write_leaderboard_files,
@@ -123,8 +121,8 @@ def run(args: argparse.Namespace) -> int:
             study, baselines, out_dir, top=args.top, curves=args.curves, data_dir=args.data_dir
         )
         out_dir.mkdir(parents=True, exist_ok=True)
-        df = leaderboard(study.get_trials(deepcopy=False), baselines, documented=BASELINES)
-        files = write_leaderboard_files(df, out_dir)
+        # The same table as `leaderboard` writes: test accuracies, objectives, Pareto front.
+        files = write_leaderboard_files(study_leaderboard(study, baselines=baselines), out_dir)
         path = out_dir / REPORT_FILE
         atomic_write(path, page)
     except OSError as e:
@@ -670,6 +668,26 @@ def _protocol_html(protocol: dict[str, Any]) -> str:
     )
 
 
+def card_mismatch(card: dict[str, Any], study: optuna.Study) -> str | None:
+    """Why a model card found in the study's folder was not exported from this study (None if
+    it may have been): a folder under --results-dir can hold another storage's study of the
+    same name. Only the fields the card has are compared."""
+    if "study" in card and card["study"] != study.study_name:
+        return f"its study is {card['study']!r}"
+    if isinstance(card.get("protocol"), dict):
+        protocol = study.user_attrs.get("protocol") or {}
+        diff = st.protocol_differences(card["protocol"], protocol)
+        if diff:
+            return f"its search protocol differs in {', '.join(diff)}"
+    if "val_accuracy" in card:
+        number = card.get("trial")
+        trial = next((t for t in study.get_trials(deepcopy=False) if t.number == number), None)
+        val = accuracy_of(trial) if trial is not None else None
+        if val is None or card["val_accuracy"] is None or abs(val - card["val_accuracy"]) > 1e-9:
+            return f"its trial {number} is not this study's"
+    return None
+
+
 def build_report(
     study: optuna.Study,
     baselines: Sequence[FrozenTrial],
@@ -680,8 +698,8 @@ def build_report(
     data_dir: str | None = None,
 ) -> str:
     """The whole page as one HTML string (no file written)."""
-    trials = study.get_trials(deepcopy=False)
-    df = leaderboard(trials, baselines, documented=BASELINES)
+    trials = st.trials_with_annotations(study)
+    df = study_leaderboard(study, baselines=baselines)
     sections = [
         fig_history(trials, df),
         fig_importances(study),
@@ -694,7 +712,13 @@ def build_report(
             card = json.loads(card_path.read_text(encoding="utf-8"))
             if not isinstance(card, dict):
                 raise ValueError("not a JSON object")
-            sections += fig_model_card(card, study, data_dir)
+            other = card_mismatch(card, study)
+            if other:
+                sections.append(Section("Exported model", notes=[
+                    f"{card_path} belongs to another study ({other}): left out; "
+                    "`python run_search.py export` exports this one there."]))
+            else:
+                sections += fig_model_card(card, study, data_dir)
         except (OSError, ValueError) as e:
             sections.append(Section("Exported model", notes=[f"{card_path} is unreadable: {e}"]))
     else:

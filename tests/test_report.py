@@ -203,3 +203,41 @@ def test_report_of_a_missing_study_is_one_line(
     assert report(tmp_path / "res") == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "no study" in err and "Traceback" not in err
+
+
+def test_report_writes_the_leaderboards_test_accuracies(
+    tmp_path: Path, tiny_dataset: Any
+) -> None:
+    results = tmp_path / "res"
+    study = make_study(results, tiny_dataset, 4)
+    study.set_user_attr("test:0", {"test_accuracy": 0.8512, "test_final_fit": True})
+    assert report(results) == 0
+    rows = json.loads((results / "r" / "leaderboard.json").read_text())
+    rows = rows if isinstance(rows, list) else rows["rows"]
+    trial0 = next(r for r in rows if r.get("kind") == "trial" and r.get("trial") == 0)
+    assert trial0["test_accuracy"] == pytest.approx(0.8512)
+    assert "0.8512" in (results / "r" / "report.html").read_text()
+
+
+def test_report_leaves_out_another_studys_exported_model(
+    tmp_path: Path, tiny_dataset: Any
+) -> None:
+    results = tmp_path / "res"
+    study = make_study(results, tiny_dataset, 4)
+    protocol = study.user_attrs["protocol"]
+    val0 = study.trials[0].value
+    # A card from a study of the same name under another seed, and one of this very study.
+    write_card(results, tiny_dataset, study="r", protocol={**protocol, "seed": 7},
+               val_accuracy=val0)
+    assert report(results) == 0
+    page = html.unescape((results / "r" / "report.html").read_text())
+    assert "belongs to another study (its search protocol differs in seed)" in page
+    assert "confusion matrix" not in page
+    write_card(results, tiny_dataset, study="r", protocol=protocol, val_accuracy=val0 - 0.01)
+    assert report(results) == 0
+    page = html.unescape((results / "r" / "report.html").read_text())
+    assert "belongs to another study (its trial 0 is not this study's)" in page
+    write_card(results, tiny_dataset, study="r", protocol=protocol, val_accuracy=val0)
+    assert report(results) == 0
+    page = html.unescape((results / "r" / "report.html").read_text())
+    assert "belongs to another study" not in page and "confusion matrix" in page
