@@ -99,6 +99,21 @@ _FLOAT_BOUNDS = {
 }
 
 
+def _number(x: Any) -> float | None:
+    """A float from a number, or from text that reads as one: YAML 1.1 (PyYAML) reads `1e-4`
+    without a dot as a string."""
+    if isinstance(x, bool):
+        return None
+    if isinstance(x, (int, float)):
+        return float(x)
+    if isinstance(x, str):
+        try:
+            return float(x)
+        except ValueError:
+            return None
+    return None
+
+
 def _parse_value(key: str, default: Any, raw: Any) -> Any:
     def bad(msg: str) -> SpaceError:
         return SpaceError(f"space key {key!r}: {msg}")
@@ -108,9 +123,11 @@ def _parse_value(key: str, default: Any, raw: Any) -> Any:
             raw = {"low": raw[0], "high": raw[1]}
         if not isinstance(raw, dict) or not {"low", "high"} <= set(raw):
             raise bad("expected {low: .., high: ..} or [low, high]")
-        unknown = set(raw) - {"low", "high", "log"}
+        fields_ok = {"low", "high"} | ({"log"} if isinstance(default, FloatRange) else set())
+        unknown = set(raw) - fields_ok
         if unknown:
-            raise bad(f"unknown field(s) {sorted(unknown)}")
+            raise bad(f"unknown field(s) {sorted(map(str, unknown))}"
+                      + (" (log applies to float ranges only)" if "log" in unknown else ""))
         lo, hi = raw["low"], raw["high"]
         if isinstance(default, IntRange):
             if not all(isinstance(x, int) and not isinstance(x, bool) for x in (lo, hi)):
@@ -120,15 +137,17 @@ def _parse_value(key: str, default: Any, raw: Any) -> Any:
             if lo < _INT_MIN[key]:
                 raise bad(f"low must be >= {_INT_MIN[key]}")
             return IntRange(lo, hi)
-        if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (lo, hi)):
+        lo, hi = _number(lo), _number(hi)
+        if lo is None or hi is None:
             raise bad("low and high must be numbers")
-        lo, hi = float(lo), float(hi)
         if not (math.isfinite(lo) and math.isfinite(hi)) or lo > hi:
             raise bad(f"empty range: low {lo} > high {hi}")
         blo, bhi = _FLOAT_BOUNDS[key]
         if lo < blo or hi > bhi:
             raise bad(f"range must lie within [{blo}, {bhi}]")
-        log = bool(raw.get("log", default.log))
+        log = raw.get("log", default.log)
+        if not isinstance(log, bool):
+            raise bad(f"log must be true or false, not {log!r}")
         if log and lo <= 0:
             raise bad("a log range needs low > 0")
         return FloatRange(lo, hi, log)
@@ -159,7 +178,7 @@ def space_from_dict(d: dict[str, Any], base: SearchSpace | None = None) -> Searc
     if not isinstance(d, dict):
         raise SpaceError("a space file must hold a mapping of parameter names to ranges")
     names = {f.name for f in fields(SearchSpace)}
-    unknown = sorted(set(d) - names)
+    unknown = sorted(map(str, set(d) - names))  # str: YAML keys may be numbers too
     if unknown:
         raise SpaceError(
             f"unknown space key {unknown[0]!r} (known keys: {', '.join(sorted(names))})"
@@ -174,6 +193,8 @@ def load_space(path: str | Path) -> SearchSpace:
         text = p.read_text(encoding="utf-8")
     except OSError as e:
         raise SpaceError(f"cannot read space file {p}: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise SpaceError(f"space file {p} is not UTF-8 text") from None
     try:
         if p.suffix.lower() in (".yaml", ".yml"):
             import yaml

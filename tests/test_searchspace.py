@@ -100,6 +100,22 @@ def test_space_file_yaml_overrides_defaults(tmp_path: Path) -> None:
     assert space.filters == SearchSpace().filters
 
 
+def test_space_file_yaml_reads_exponents_and_mixed_keys(tmp_path: Path) -> None:
+    f = tmp_path / "space.yaml"
+    f.write_text("learning_rate: {low: 1e-4, high: 1e-2}\n")  # PyYAML: `1e-4` is a string
+    assert load_space(f).learning_rate.low == pytest.approx(1e-4)
+    f.write_text("n_block: [1, 2]\n2: [3]\n")  # keys of two types: one line, not a TypeError
+    with pytest.raises(SpaceError, match="unknown space key '2'"):
+        load_space(f)
+
+
+def test_space_file_that_is_not_utf8_is_one_line(tmp_path: Path) -> None:
+    f = tmp_path / "space.json"
+    f.write_bytes(b'{"activation": ["relu"]} \xff')
+    with pytest.raises(SpaceError, match="not UTF-8 text"):
+        load_space(f)
+
+
 def test_filter_choices_grow_per_block() -> None:
     space = SearchSpace()
     assert space.block_filters(0) == space.filters
@@ -133,6 +149,9 @@ def test_filter_choices_grow_per_block() -> None:
         ('{"batch_size": [0, 64]}', "'batch_size'"),
         ("{not json", "cannot parse"),
         ("[1, 2]", "mapping"),
+        ('{"learning_rate": {"low": 0.001, "high": 0.01, "log": "false"}}', "log must be true"),
+        ('{"n_blocks": {"low": 1, "high": 3, "log": true}}', "float ranges only"),
+        ('{"n_block": 1, "2": [3]}', "unknown space key '2'"),
     ],
 )
 def test_invalid_space_file_names_the_problem(tmp_path: Path, content: str, needle: str) -> None:
