@@ -946,6 +946,10 @@ def load_stored_study(args: argparse.Namespace) -> Any:
         raise StoredStudyError(
             f"no study {args.study_name!r} under {args.results_dir} (nothing at {url})"
         )
+    db = url.split("?", 1)[0][len("sqlite:///"):] if url.startswith("sqlite:///") else None
+    if db and db != ":memory:" and not Path(db).exists():
+        # Opening it would create the file (and its folders): a typo must leave nothing behind.
+        raise StoredStudyError(f"no study {args.study_name!r}: no database file at {db}")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         return optuna.load_study(study_name=args.study_name, storage=st.make_storage(url))

@@ -241,3 +241,15 @@ def test_report_leaves_out_another_studys_exported_model(
     assert report(results) == 0
     page = html.unescape((results / "r" / "report.html").read_text())
     assert "belongs to another study" not in page and "confusion matrix" in page
+
+
+@pytest.mark.parametrize("command", ["report", "leaderboard", "export"])
+def test_a_mistyped_sqlite_storage_creates_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    db = tmp_path / "nope" / "sub" / "x.db"
+    assert main([command, "--storage", f"sqlite:///{db}", "--study-name", "r",
+                 "--results-dir", str(tmp_path / "res")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"no database file at {db}" in err
+    assert not (tmp_path / "nope").exists()
