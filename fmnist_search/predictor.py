@@ -217,6 +217,25 @@ def _from_idx(path: Path) -> np.ndarray:
     return _as_model_input(raw, what=str(path))
 
 
+def _gray_0_255(im: Any) -> np.ndarray:
+    """A Pillow image as grey levels in [0, 255], float32.
+
+    Pillow's `convert("L")` clips 16-bit ("I;16", "I") and float ("F") pixels at 255, which
+    turns every non-black pixel of a 16-bit PNG white: those are rescaled instead.
+    """
+    if im.mode.startswith("I;16"):
+        return np.asarray(im, dtype=np.float32) / 257.0
+    if im.mode in ("I", "F"):
+        a = np.asarray(im, dtype=np.float64)
+        top = float(a.max()) if a.size else 0.0
+        if top > 255:  # 16-bit values (what 16-bit PNGs open as), or wider: to 0..255
+            a = a * (255.0 / (65535.0 if top <= 65535 else top))
+        elif im.mode == "F" and top <= 1.0:  # floats in [0, 1]
+            a = a * 255.0
+        return a.clip(0, 255).astype(np.float32)
+    return np.asarray(im.convert("L"), dtype=np.float32)
+
+
 def _from_picture(path: Path) -> np.ndarray:
     """A photo of any size and colour -> one light-on-dark 28x28 image in [0, 1]."""
     from PIL import Image, ImageOps, UnidentifiedImageError
@@ -231,13 +250,12 @@ def _from_picture(path: Path) -> np.ndarray:
                 rgba = im.convert("RGBA")
                 flat = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
                 im = Image.alpha_composite(flat, rgba)
-            gray = im.convert("L")
+            a = _gray_0_255(im)
     except UnidentifiedImageError:
         raise ImageError(f"{path}: not an image Pillow can decode, nor .npy or IDX") from None
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ImageError(f"{path}: cannot decode image ({first})") from None
-    a = np.asarray(gray, dtype=np.float32)
     if a.size == 0:
         raise ImageError(f"{path}: empty image")
     # Pad to a square with the border colour so resizing keeps the item's aspect ratio.

@@ -130,6 +130,19 @@ def test_load_images_polarity_aspect_and_scaling(tiny_dataset: Dataset, tmp_path
     np.testing.assert_allclose(x[0], x[1], atol=1 / 255)
 
 
+def test_16_bit_and_float_pictures_read_as_their_8_bit_copy(
+    tiny_dataset: Dataset, tmp_path: Path
+) -> None:
+    original = _uint8(tiny_dataset.x_test[[_centred(tiny_dataset)]])[0]
+    Image.fromarray(original).save(tmp_path / "u8.png")
+    Image.fromarray(original.astype(np.uint16) * 257).save(tmp_path / "u16.png")
+    Image.fromarray(original.astype(np.float32) / 255).save(tmp_path / "f32.tiff")
+    x, _ = load_images([tmp_path / "u8.png", tmp_path / "u16.png", tmp_path / "f32.tiff"])
+    assert Image.open(tmp_path / "u16.png").mode.startswith("I")  # really 16-bit on disk
+    np.testing.assert_allclose(x[1], x[0], atol=1 / 255)  # not clipped to white at 255
+    np.testing.assert_allclose(x[2], x[0], atol=1 / 255)
+
+
 def test_predict_accepts_uint8_and_float(
     export_dir: tuple[Path, Any], tiny_dataset: Dataset
 ) -> None:
