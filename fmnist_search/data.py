@@ -186,7 +186,8 @@ def find_data_dir(data_dir: str | os.PathLike[str] | None = None, *, download: b
     """Find the directory holding the four IDX files.
 
     Args:
-        data_dir: Explicit directory (--data-dir); if given it must hold the files.
+        data_dir: Explicit directory (--data-dir); if given it must hold the files, as must
+            $FMNIST_DATA_DIR when set and no --data-dir is given.
         download: Whether to let Keras download Fashion-MNIST when nothing is found.
 
     Returns:
@@ -196,16 +197,18 @@ def find_data_dir(data_dir: str | os.PathLike[str] | None = None, *, download: b
         DataError: The explicit directory lacks files, or no data could be found or fetched.
     """
     candidates = candidate_dirs(data_dir)
-    if data_dir is not None and str(data_dir) != "":
-        # An explicit choice must not be silently replaced by some other data set.
-        path = candidates[0][1]
+    label, path = candidates[0]
+    if label in ("--data-dir", f"${ENV_VAR}"):
+        # An explicit choice (the flag, else the variable) must not be silently replaced by
+        # some other data set.
+        unset = f" (unset {ENV_VAR} to search the usual places)" if label != "--data-dir" else ""
         if not path.is_dir():
-            raise DataError(f"--data-dir {path}: no such directory")
+            raise DataError(f"{label} {path}: no such directory{unset}")
         missing = _missing(path)
         if missing:
             raise DataError(
-                f"--data-dir {path} lacks {', '.join(missing)} "
-                "(it needs all four IDX files, gzip-compressed or not)"
+                f"{label} {path} lacks {', '.join(missing)} "
+                f"(it needs all four IDX files, gzip-compressed or not){unset}"
             )
         return path
 

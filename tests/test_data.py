@@ -219,14 +219,27 @@ def test_explicit_dir_does_not_exist(tmp_path: Path) -> None:
 def test_nothing_found(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """With no data anywhere, the error lists every place searched and the fix."""
     monkeypatch.setattr(data, "DEBIAN_DIR", tmp_path / "debian")
-    monkeypatch.setenv("FMNIST_DATA_DIR", str(tmp_path / "env"))
     with pytest.raises(DataError) as info:
         load_dataset(download=False)
     message = str(info.value)
     assert "\n" not in message
-    for where in (tmp_path / "env", tmp_path / "home" / ".keras", tmp_path / "debian"):
+    for where in (tmp_path / "home" / ".keras", tmp_path / "debian"):
         assert str(where) in message
     assert "apt-get install dataset-fashion-mnist" in message and "--data-dir" in message
+
+
+def test_env_dir_is_an_explicit_choice(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """$FMNIST_DATA_DIR lacking files fails like --data-dir: the Debian data are not used."""
+    monkeypatch.setattr(data, "DEBIAN_DIR", make_synthetic_idx_dir(tmp_path / "debian"))
+    mine = _synthetic(tmp_path)
+    (mine / FILES["test_labels"]).rename(mine / "labels-misnamed.gz")
+    monkeypatch.setenv("FMNIST_DATA_DIR", str(mine))
+    with pytest.raises(DataError, match=r"\$FMNIST_DATA_DIR .* lacks .*unset FMNIST_DATA_DIR"):
+        find_data_dir(download=False)
+    monkeypatch.setenv("FMNIST_DATA_DIR", str(tmp_path / "nope"))
+    with pytest.raises(DataError, match="no such directory"):
+        find_data_dir(download=False)
+    assert find_data_dir(mine.parent / "debian", download=False) == tmp_path / "debian"
 
 
 def test_download_failure_is_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
