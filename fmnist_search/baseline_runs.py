@@ -231,7 +231,8 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_RUNTIME
     protocol = SearchProtocol(**settings)
     stored = study_protocol(protocol, space, data)
-    diff = st.protocol_differences(main_protocol, stored) if main_protocol is not None else []
+    diff = (st.protocol_differences(main_protocol, stored, ignore=st.RANKING_ONLY)
+            if main_protocol is not None else [])
     if diff:
         # The flags agree (checked above), so the data differ.
         err(

@@ -335,6 +335,8 @@ def baseline_comparison(
     """
     from searchspace.baselines import BASELINES
 
+    from .study import RANKING_ONLY, protocol_differences
+
     name = f"{study.study_name}.baselines"
     measured: dict[str, list[float]] = {}
     other_protocol: Any = None
@@ -370,7 +372,8 @@ def baseline_comparison(
     return {
         "remeasured_in": name if found else None,
         "remeasured_protocol": other_protocol,
-        "same_protocol": None if other_protocol is None else other_protocol == protocol,
+        "same_protocol": None if other_protocol is None or protocol is None else not (
+            protocol_differences(other_protocol, protocol, ignore=RANKING_ONLY)),
         "models": rows,
     }
 

@@ -514,7 +514,7 @@ def load_baseline_trials(
     """
     import optuna
 
-    from .study import make_storage, protocol_differences
+    from .study import RANKING_ONLY, make_storage, protocol_differences
 
     if isinstance(storage, str):
         storage = make_storage(storage)
@@ -523,7 +523,8 @@ def load_baseline_trials(
         return []
     bname = baseline_study_name(study_name)
     main = (study_user_attrs(storage, study_name) or {}).get("protocol")
-    diff = protocol_differences(ours.get("protocol") or {}, main) if main is not None else []
+    diff = (protocol_differences(ours.get("protocol") or {}, main, ignore=RANKING_ONLY)
+            if main is not None else [])
     if diff:
         (warn or _stderr_warning)(
             f"baselines in {bname!r} were measured under another protocol ({', '.join(diff)} "

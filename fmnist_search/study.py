@@ -318,12 +318,18 @@ def open_study(
 # epochs before the last are scored on (the pruner's and the curves' view) may differ
 # between runs of one study, and the KerasTuner engine always validates every image.
 NON_BINDING = frozenset({"interim_val_size"})
+# How the main study ranks its trials (multiobjective.protocol_entries): a baseline's score does
+# not depend on them, so baselines measured once serve every such study of the same protocol.
+RANKING_ONLY = frozenset({"objectives", "max_params", "max_latency_ms"})
 
 
-def protocol_differences(stored: dict[str, Any], now: dict[str, Any]) -> list[str]:
-    """The protocol keys whose values differ, leaving out NON_BINDING ones."""
+def protocol_differences(
+    stored: dict[str, Any], now: dict[str, Any], ignore: frozenset[str] = frozenset()
+) -> list[str]:
+    """The protocol keys whose values differ, leaving out NON_BINDING ones and `ignore`."""
+    skip = NON_BINDING | ignore
     return sorted(
-        k for k in set(stored) | set(now) if k not in NON_BINDING and stored.get(k) != now.get(k)
+        k for k in set(stored) | set(now) if k not in skip and stored.get(k) != now.get(k)
     )
 
 

@@ -199,6 +199,28 @@ def test_baselines_take_the_main_study_protocol_and_refuse_other_flags(
     assert len(_baseline_trials(tmp_path)) == 2
 
 
+def test_baselines_serve_a_multi_objective_study(
+    tmp_path: Path, synthetic_dir: Path, tiny_dataset: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Objectives and limits rank the main study's trials; a baseline's score is the same."""
+    from fmnist_search.multiobjective import protocol_entries
+
+    search = SearchProtocol(epochs=1, val_size=40, train_subset=None, seed=2)
+    protocol = {**study_protocol(search, SearchSpace(), tiny_dataset),
+                **protocol_entries(["accuracy", "params"], max_params=50_000)}
+    st.open_study(st.default_storage(tmp_path / "res", "b"), "b",
+                  optuna.samplers.RandomSampler(seed=0), optuna.pruners.NopPruner(), protocol,
+                  directions=("maximize", "minimize"))
+    assert main(_args(tmp_path, synthetic_dir, "--only", "dense128")) == 0, (
+        capsys.readouterr().err)
+    (t,) = _baseline_trials(tmp_path)
+    assert t.state == TrialState.COMPLETE
+    warnings: list[str] = []
+    got = load_baseline_trials(st.default_storage(tmp_path / "res", "b"), "b",
+                               warn=warnings.append)
+    assert [g.user_attrs["baseline"] for g in got] == ["dense128"] and warnings == []
+
+
 def test_baselines_bad_name_exits_2_with_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
