@@ -464,6 +464,7 @@ def cmd_search(args: argparse.Namespace) -> int:
             ("--final-minutes", args.final_minutes != FINAL_FIT_MINUTES),
             ("--augment", args.augment),
             ("--ensemble", args.ensemble is not None),
+            ("--no-scale-up", args.no_scale_up),
         ) if on]
         if given:  # they shape the export, which --no-export skips: say so, not ignore them
             raise UsageError(
@@ -472,6 +473,9 @@ def cmd_search(args: argparse.Namespace) -> int:
             )
     if args.no_final_fit and args.final_epochs is not None:
         raise UsageError("--final-epochs and --no-final-fit exclude each other")
+    if args.cv and args.val_size is not None:
+        # The folds are the validation sets; a --val-size would be stored but never used.
+        raise UsageError("--val-size sets the holdout split, which --cv replaces: drop one")
     if args.no_final_fit and args.augment:
         raise UsageError("--augment and --no-final-fit exclude each other")
     if args.no_final_fit and (args.ensemble or 1) > 1:

@@ -65,6 +65,10 @@ def test_final_fit_flags_with_no_export_exit_2(
     code = main(["--no-export", "--ensemble", "3", "--augment", "--results-dir", str(tmp_path)])
     assert code == 2
     assert "--no-export skips the final fit: drop --augment, --ensemble" in capsys.readouterr().err
+    # (--data-dir of nothing: without the check the run fails on the data, never trains.)
+    assert main(["--no-export", "--no-scale-up", "--data-dir", str(tmp_path / "none"),
+                 "--results-dir", str(tmp_path)]) == 2
+    assert "drop --no-scale-up" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
 
 
@@ -87,6 +91,14 @@ def test_val_size_over_half_the_training_set_exit_2(
     assert code == 2
     assert "--val-size 200 is more than half of the 240 training images" in (
         capsys.readouterr().err)
+    # With --cv the folds are the validation sets: a --val-size would be stored, not used.
+    assert main(["--cv", "3", "--val-size", "50", "--data-dir", str(tmp_path / "none"),
+                 "--results-dir", str(tmp_path / "r")]) == 2
+    assert "which --cv replaces" in capsys.readouterr().err
+    # baselines: the same check (it quietly shrank the split and stored the value given).
+    assert main(["baselines", "--val-size", "200", "--data-dir", str(synthetic_dir),
+                 "--results-dir", str(tmp_path / "r")]) == 2
+    assert "--val-size 200 is more than half" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
 
 
