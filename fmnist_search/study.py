@@ -103,13 +103,17 @@ def process_seed(seed: int, worker_index: int, finished: int) -> int:
     """The sampler's seed in one process: `--seed`, the worker's index, the trials already
     finished when the process starts.
 
-    A fresh search keeps `seed + worker_index`. A resumed or recycled process gets a stream
-    of its own: with the same seed it would replay the random draws of the process before
-    it (random search, TPE's random trials), the same configurations again.
+    A fresh search's first worker (the only one of most searches) keeps `seed`. The others
+    are derived from both numbers: `seed + worker_index` gave `--seed 0`'s worker 1 the
+    stream of `--seed 1`'s worker 0, so runs at neighbouring seeds shared random trials.
+    A resumed or recycled process gets a stream of its own: with the same seed it would
+    replay the random draws of the process before it (random search, TPE's random
+    trials), the same configurations again.
     """
-    if finished == 0:
-        return seed + worker_index
-    return int(np.random.SeedSequence([seed, worker_index, finished]).generate_state(1)[0])
+    if finished == 0 and worker_index == 0:
+        return seed
+    parts = [seed, worker_index] + ([finished] if finished else [])
+    return int(np.random.SeedSequence(parts).generate_state(1)[0])
 
 
 def _make_sampler(name: str, seed: int, enqueued: int = 0) -> optuna.samplers.BaseSampler:

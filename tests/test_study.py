@@ -249,7 +249,9 @@ def test_ctrl_c_while_the_heartbeat_starts_leaves_no_thread(
 def test_process_seed_keeps_fresh_searches_and_varies_resumed_ones() -> None:
     from fmnist_search.study import process_seed
 
-    assert [process_seed(3, i, 0) for i in range(3)] == [3, 4, 5]  # as before: --seed + index
+    assert process_seed(3, 0, 0) == 3  # a fresh search's first worker: --seed itself
+    fresh = {process_seed(s, i, 0) for s in range(4) for i in range(3)}
+    assert len(fresh) == 12  # neighbouring seeds' workers draw apart (seed + index did not)
     resumed = {process_seed(3, i, n) for i in range(3) for n in (1, 2, 25, 50)}
-    assert len(resumed) == 12 and not resumed & {3, 4, 5}
+    assert len(resumed) == 12 and not resumed & fresh
     assert process_seed(3, 1, 25) == process_seed(3, 1, 25)  # fixed by --seed and the history
