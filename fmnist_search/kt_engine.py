@@ -4,7 +4,9 @@ KerasTuner draws and schedules the trials; each one trains on the study's own ho
 for the study's epochs, and is then written into the same Optuna study as an ordinary trial
 (`optuna.trial.create_trial` + `study.add_trial`) with the parameters, distributions and
 user attributes the Optuna engine's `Objective` stores. `leaderboard`, `report` and `export`
-therefore read both engines' trials alike; `engine` and `kt_trial_id` tell them apart.
+therefore read both engines' trials alike; `engine` and `kt_trial_id` tell them apart, and
+`kt_run` names the KerasTuner project a trial came from (a project started afresh numbers
+its trials from the start again).
 
 KerasTuner's own state (oracle, trial files, checkpoints) lives in
 `results/<study>/keras_tuner/<algorithm>/<study>/` and is resumed (overwrite=False) when the
@@ -32,6 +34,7 @@ import io
 import json
 import math
 import time
+import uuid
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -173,12 +176,24 @@ class _Engine:
         self.current: _Record | None = None
         self.states: list[TrialState] = []  # of the trials this run recorded
         self.reasons: list[str] = []  # their fail reasons, in order
-        # This engine's finished trials by KerasTuner id: parents of continuations, and a
-        # guard against recording a trial twice when KerasTuner re-runs one after a crash.
-        self.finished: dict[str, FrozenTrial] = {
+        # This KerasTuner project's finished trials by KerasTuner id (see `attach`).
+        self.run_id: str | None = None
+        self.finished: dict[str, FrozenTrial] = {}
+
+    def attach(self, run_id: str | None) -> None:
+        """Take the KerasTuner project `run_id` (None: one saved before projects had ids).
+
+        Its finished trials, by KerasTuner id, are the parents of continuations and a guard
+        against recording a trial twice when KerasTuner re-runs one after a crash. Only that
+        project's: a project started afresh (its folder gone, another --results-dir) numbers
+        its trials from 0000 again, and they must not be taken for the old ones.
+        """
+        self.run_id = run_id
+        self.finished = {
             str(t.user_attrs.get("kt_trial_id")): t
-            for t in study.get_trials(deepcopy=False, states=st.FINISHED)
+            for t in self.study.get_trials(deepcopy=False, states=st.FINISHED)
             if t.user_attrs.get("engine") == self.engine
+            and t.user_attrs.get("kt_run") == run_id
         }
 
     # ------------------------------------------------------------------ trial life cycle
@@ -247,6 +262,7 @@ class _Engine:
         for t in reversed(self.study.get_trials(deepcopy=False)):
             ua = t.user_attrs
             if (ua.get("engine") == self.engine and str(ua.get("kt_trial_id")) == kt_id
+                    and ua.get("kt_run") == self.run_id
                     and t.datetime_complete == frozen.datetime_complete):
                 return t
         return None
@@ -254,6 +270,8 @@ class _Engine:
     def _frozen(self, trial: Any, rec: _Record, interrupted: bool) -> FrozenTrial:
         ua: dict[str, Any] = {"engine": self.engine, "kt_trial_id": str(trial.trial_id),
                               "interim_val_size": 0}
+        if self.run_id is not None:
+            ua["kt_run"] = self.run_id
         params: dict[str, Any] = {}
         dists: dict[str, optuna.distributions.BaseDistribution] = {}
         cfg = rec.cfg
@@ -498,6 +516,12 @@ def run_keras_tuner(
     max_failures = max_failures or MAX_CONSECUTIVE_FAILURES
     kt_dir = st.study_dir(results_dir, study.study_name) / "keras_tuner" / algorithm
     resume = _project_state(study, kt_dir, engine.engine)
+    run_file = kt_dir / "run_id"
+    if resume:
+        engine.attach(run_file.read_text(encoding="utf-8").strip() or None
+                      if run_file.exists() else None)
+    else:
+        engine.attach(uuid.uuid4().hex[:12])
     kwargs: dict[str, Any] = {
         "hypermodel": CnnHyperModel(engine),
         "objective": kt.Objective("val_accuracy", direction="max"),
@@ -526,6 +550,8 @@ def run_keras_tuner(
     (kt_dir / "protocol.json").write_text(
         json.dumps(study.user_attrs.get("protocol"), sort_keys=True), encoding="utf-8"
     )
+    if engine.run_id is not None:
+        run_file.write_text(engine.run_id + "\n", encoding="utf-8")
     try:
         with _kt_quiet(), st.settled_heap():  # as our engine's trials: cheap collections
             tuner.search(epochs=protocol.epochs, verbose=0)

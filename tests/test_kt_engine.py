@@ -7,6 +7,7 @@ import json
 import math
 import sys
 import warnings
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -180,8 +181,17 @@ def test_random_search_trials_land_in_the_study_like_objective_trials(
     # then continues the same study with the KerasTuner trials as its history.
     _run(study, folds, protocol, tmp_path, "random", 3)
     assert len(study.get_trials()) == 3
-    st.run_trials(study, Objective(folds, TINY, protocol), 4)
-    assert [t.state for t in study.get_trials()] == [TrialState.COMPLETE] * 4
+    # KerasTuner's folder gone (or another --results-dir): a fresh project numbers its trials
+    # from 0000 again; they are recorded, not taken for the old ones of the same id.
+    shutil.rmtree(tmp_path / "kt-random" / "keras_tuner")
+    _run(study, folds, protocol, tmp_path, "random", 5)
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 5
+    runs = [t.user_attrs["kt_run"] for t in trials]
+    assert len(set(runs[:3])) == 1 and len(set(runs[3:])) == 1 and runs[0] != runs[3]
+    assert trials[3].user_attrs["kt_trial_id"] == trials[0].user_attrs["kt_trial_id"]
+    st.run_trials(study, Objective(folds, TINY, protocol), 6)
+    assert [t.state for t in study.get_trials()] == [TrialState.COMPLETE] * 6
 
 
 def test_hyperband_prunes_low_budgets_continues_the_best_and_resumes(
