@@ -431,6 +431,11 @@ def test_baseline_comparison_reads_baselines_study(searched: tuple[Path, Any]) -
     assert rows["mlm_cnn_sgd"]["remeasured_runs"] == 2
     assert rows["dense128"]["remeasured_val_accuracy"] is None
     assert rows["mlm_cnn_sgd"]["documented_metric"] == "test"
+    # What only ranks the main study's trials (objectives, limits) is no protocol difference.
+    b.set_user_attr("protocol", {"x": 1})
+    mo = {"x": 1, "objectives": ["accuracy", "params"], "max_params": 9}
+    assert ex.baseline_comparison(study, mo)["same_protocol"] is True
+    assert ex.baseline_comparison(study, {"x": 2})["same_protocol"] is False
 
 
 # --------------------------------------------------------------------------- --ensemble

@@ -5,9 +5,9 @@ from __future__ import annotations
 import io
 import json
 import math
+import shutil
 import sys
 import warnings
-import shutil
 from pathlib import Path
 from typing import Any
 
