@@ -167,25 +167,17 @@ def test_pruning_with_successive_halving() -> None:
 
 
 def test_pruning_with_the_same_trials_in_both_runs() -> None:
-    def trial(number: int, state: str, value: float, epochs: int) -> dict:
-        return {"number": number, "state": state, "value": value, "epochs_run": epochs}
+    def run(seed: int, pruner: str, *trials: tuple[str, float, int]) -> dict:
+        ts = [{"number": i, "state": state, "value": value, "epochs_run": epochs}
+              for i, (state, value, epochs) in enumerate(trials)]
+        return {"seed": seed, "pruner": pruner, "wall_s": 1.0,
+                "summary": pruning.summarise(ts), "trials": ts}
 
-    runs = [{"seed": 0, "pruner": "sha", "wall_s": 1.0,
-             "summary": {"epochs": 11, "complete": 1, "pruned": 2, "failed": 0, "best": 0.80},
-             "trials": [trial(0, "COMPLETE", 0.80, 9), trial(1, "PRUNED", 0.50, 1),
-                        trial(2, "PRUNED", 0.70, 1)]},
-            {"seed": 0, "pruner": "none", "wall_s": 2.0,
-             "summary": {"epochs": 27, "complete": 3, "pruned": 0, "failed": 0, "best": 0.85},
-             "trials": [trial(0, "COMPLETE", 0.80, 9), trial(1, "COMPLETE", 0.60, 9),
-                        trial(2, "COMPLETE", 0.85, 9)]},
-            {"seed": 1, "pruner": "sha", "wall_s": 1.0,
-             "summary": {"epochs": 19, "complete": 2, "pruned": 1, "failed": 0, "best": 0.9},
-             "trials": [trial(0, "COMPLETE", 0.90, 9), trial(1, "PRUNED", 0.50, 1),
-                        trial(2, "COMPLETE", 0.88, 9)]},
-            {"seed": 1, "pruner": "none", "wall_s": 2.0,
-             "summary": {"epochs": 27, "complete": 3, "pruned": 0, "failed": 0, "best": 0.9},
-             "trials": [trial(0, "COMPLETE", 0.90, 9), trial(1, "COMPLETE", 0.55, 9),
-                        trial(2, "COMPLETE", 0.88, 9)]}]
+    done, cut = "COMPLETE", "PRUNED"
+    runs = [run(0, "sha", (done, 0.80, 9), (cut, 0.50, 1), (cut, 0.70, 1)),
+            run(0, "none", (done, 0.80, 9), (done, 0.60, 9), (done, 0.85, 9)),
+            run(1, "sha", (done, 0.90, 9), (cut, 0.50, 1), (done, 0.88, 9)),
+            run(1, "none", (done, 0.90, 9), (done, 0.55, 9), (done, 0.88, 9))]
     fates = pruning.best_fates(runs)
     assert [(f["seed"], f["number"], f["state"], f["epochs_run"]) for f in fates] == [
         (0, 2, "PRUNED", 1), (1, 0, "COMPLETE", 9)]
