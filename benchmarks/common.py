@@ -31,7 +31,7 @@ DOC = DOCS / "benchmarks.md"
 DEFAULT_DATA_DIR = "/usr/share/datasets/fashion-mnist"
 # The order of the sections in docs/benchmarks.md.
 ORDER = ("summary-by-hand", "headline", "search_efficiency", "pruning", "pruning-sha",
-         "pruning-median", "overhead", "memory", "workers")
+         "pruning-sha-random", "pruning-median", "overhead", "memory", "workers")
 
 DOC_HEADER = """# Benchmarks
 
