@@ -30,7 +30,6 @@ from .cli import (
     EXIT_INTERRUPTED,
     EXIT_RUNTIME,
     Parser,
-    UsageError,
     add_protocol_args,
     add_storage_args,
     err,
@@ -230,15 +229,9 @@ def run(args: argparse.Namespace) -> int:
     except DataError as e:
         err(str(e))
         return EXIT_RUNTIME
-    given_val = args.val_size not in (UNSET, None)
-    if given_val and settings["cv"]:
-        raise UsageError("--val-size sets the holdout split, which --cv replaces: drop one")
-    if given_val and args.val_size > len(data.y_train) // 2:
-        # make_folds would shrink it quietly while the study stored the value given.
-        raise UsageError(
-            f"--val-size {args.val_size} is more than half of the {len(data.y_train)} "
-            "training images"
-        )
+    # make_folds would shrink a large one quietly while the study stored the value given.
+    cli.check_val_size(None if args.val_size is UNSET else args.val_size, settings["cv"],
+                       len(data.y_train))
     protocol = SearchProtocol(**settings)
     stored = study_protocol(protocol, space, data)
     diff = (st.protocol_differences(main_protocol, stored, ignore=st.RANKING_ONLY)

@@ -453,6 +453,25 @@ def load_space_arg(args: argparse.Namespace) -> Any:
         raise UsageError(str(e)) from None
 
 
+def check_val_size(val_size: int | None, cv: int, train_images: int | None = None) -> None:
+    """A --val-size the user gave (None: not given): not with --cv, and, once the training
+    set's size is known, at most half of it.
+
+    Raises:
+        UsageError: The folds of --cv are the validation sets (a --val-size would be stored,
+            never used); or it is over half (the default shrinks for a small set, a given
+            value is not silently changed).
+    """
+    if val_size is None:
+        return
+    if cv:
+        raise UsageError("--val-size sets the holdout split, which --cv replaces: drop one")
+    if train_images is not None and val_size > train_images // 2:
+        raise UsageError(
+            f"--val-size {val_size} is more than half of the {train_images} training images"
+        )
+
+
 def cmd_search(args: argparse.Namespace) -> int:
     """The search: verify data, open or resume the study, run trials, print the leaderboard."""
     if args.no_export:
@@ -473,9 +492,7 @@ def cmd_search(args: argparse.Namespace) -> int:
             )
     if args.no_final_fit and args.final_epochs is not None:
         raise UsageError("--final-epochs and --no-final-fit exclude each other")
-    if args.cv and args.val_size is not None:
-        # The folds are the validation sets; a --val-size would be stored but never used.
-        raise UsageError("--val-size sets the holdout split, which --cv replaces: drop one")
+    check_val_size(args.val_size, args.cv)
     if args.no_final_fit and args.augment:
         raise UsageError("--augment and --no-final-fit exclude each other")
     if args.no_final_fit and (args.ensemble or 1) > 1:
@@ -561,12 +578,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     except DataError as e:
         err(str(e))
         return EXIT_RUNTIME
-    if args.val_size and not args.cv and args.val_size > len(data.y_train) // 2:
-        # The default shrinks to a sixth of a small set; a value the user gave does not.
-        raise UsageError(
-            f"--val-size {args.val_size} is more than half of the {len(data.y_train)} "
-            "training images"
-        )
+    check_val_size(args.val_size, args.cv, len(data.y_train))
     protocol = SearchProtocol(
         epochs=args.epochs,
         cv=args.cv,
@@ -946,13 +958,13 @@ def load_stored_study(args: argparse.Namespace) -> Any:
     import optuna
 
     url = storage_url(args)
-    if args.storage is None and not Path(url.split("sqlite:///", 1)[1]).exists():
-        raise StoredStudyError(
-            f"no study {args.study_name!r} under {args.results_dir} (nothing at {url})"
-        )
     db = url.split("?", 1)[0][len("sqlite:///"):] if url.startswith("sqlite:///") else None
     if db and db != ":memory:" and not Path(db).exists():
         # Opening it would create the file (and its folders): a typo must leave nothing behind.
+        if args.storage is None:
+            raise StoredStudyError(
+                f"no study {args.study_name!r} under {args.results_dir} (nothing at {url})"
+            )
         raise StoredStudyError(f"no study {args.study_name!r}: no database file at {db}")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:

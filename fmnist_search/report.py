@@ -116,13 +116,15 @@ def run(args: argparse.Namespace) -> int:
     except Exception as e:  # a damaged baselines study should not cost the whole report
         baselines = []
         print(f"warning: baselines left out: {type(e).__name__}: {e}", file=sys.stderr)
+    # The same table as `leaderboard` writes: test accuracies, objectives, Pareto front.
+    df = study_leaderboard(study, baselines=baselines)
     try:
         page = build_report(
-            study, baselines, out_dir, top=args.top, curves=args.curves, data_dir=args.data_dir
+            study, baselines, df, out_dir, top=args.top, curves=args.curves,
+            data_dir=args.data_dir,
         )
         out_dir.mkdir(parents=True, exist_ok=True)
-        # The same table as `leaderboard` writes: test accuracies, objectives, Pareto front.
-        files = write_leaderboard_files(study_leaderboard(study, baselines=baselines), out_dir)
+        files = write_leaderboard_files(df, out_dir)
         path = out_dir / REPORT_FILE
         atomic_write(path, page)
     except OSError as e:
@@ -691,15 +693,15 @@ def card_mismatch(card: dict[str, Any], study: optuna.Study) -> str | None:
 def build_report(
     study: optuna.Study,
     baselines: Sequence[FrozenTrial],
+    df: pd.DataFrame,
     out_dir: Path,
     *,
     top: int = 25,
     curves: int = 5,
     data_dir: str | None = None,
 ) -> str:
-    """The whole page as one HTML string (no file written)."""
+    """The whole page as one HTML string (no file written); `df` is the study's leaderboard."""
     trials = st.trials_with_annotations(study)
-    df = study_leaderboard(study, baselines=baselines)
     sections = [
         fig_history(trials, df),
         fig_importances(study),
