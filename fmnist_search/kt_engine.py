@@ -54,7 +54,13 @@ from . import session
 from . import study as st
 from .model import build_cnn, count_params
 from .objective import Folds, ProgressSink, SearchProtocol
-from .training import DivergedError, _Hooks, peak_epoch, validation_batch_size
+from .training import (
+    DivergedError,
+    _Hooks,
+    peak_epoch,
+    precise_batchnorm,
+    validation_batch_size,
+)
 
 ALGORITHMS = ("hyperband", "bayesian", "random")
 TENSORBOARD_HINT = "keras-tuner needs the tensorboard package: pip install tensorboard"
@@ -383,11 +389,14 @@ class CnnHyperModel(kt.HyperModel):
         steps = math.ceil(len(e.x_train) / rec.cfg.batch_size)
         # The Optuna engine's NaN guard and progress hooks, before KerasTuner's callbacks.
         hooks = _Hooks(e.on_epoch, e.on_batch, steps)
+        # Scored as the Optuna engine scores: BatchNorm's statistics re-estimated first.
+        precise = precise_batchnorm(model, e.x_train, rec.cfg)
         hist = model.fit(
             e.x_train, e.y_train, batch_size=rec.cfg.batch_size, epochs=epochs,
             initial_epoch=initial_epoch, validation_data=(e.x_val, e.y_val),
             validation_batch_size=validation_batch_size(rec.cfg),
-            callbacks=[hooks, *callbacks], verbose=0, shuffle=True,
+            callbacks=[*([precise] if precise else []), hooks, *callbacks], verbose=0,
+            shuffle=True,
         )
         # The last epoch's metrics: the protocol's score is the model as trained.
         return {k: float(v[-1]) for k, v in hist.history.items() if v}

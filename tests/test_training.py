@@ -1,5 +1,5 @@
 """The final fit's augmentation pipeline, its learning-rate schedule and deadline, and
-their use in fit_config."""
+their use in fit_config; BatchNorm's statistics re-estimated before validation."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from fmnist_search.training import (
     CosineWithinDeadline,
     augmented_batches,
     fit_config,
+    recalibrate_batchnorm,
 )
 from searchspace import CnnConfig, ConvBlock, ConvLayer
 
@@ -279,3 +280,56 @@ def test_fit_config_with_a_spent_deadline_stops_after_one_epoch() -> None:
     assert res.epochs_run == 1
     assert fit_config(cfg, x, y, None, None, epochs=2, seed=0, cosine_decay=True,
                       deadline_s=3600.0).epochs_run == 2
+
+
+def test_recalibration_sets_the_average_batch_statistics_and_draws_nothing() -> None:
+    rng = np.random.default_rng(0)
+    x = (3.0 + 2.0 * rng.standard_normal((1100, 4))).astype(np.float32)
+    bn = keras.layers.BatchNormalization(momentum=0.9)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dropout(0.5), bn])
+    assert recalibrate_batchnorm(model, x, 512)
+    # Two full batches of 512; the short last batch of 76 is left out.
+    batches = x[:1024].reshape(2, 512, 4)
+    np.testing.assert_allclose(bn.moving_mean.numpy(), batches.mean(axis=1).mean(axis=0),
+                               rtol=1e-5)
+    np.testing.assert_allclose(bn.moving_variance.numpy(), batches.var(axis=1).mean(axis=0),
+                               rtol=1e-4)
+    assert bn.momentum == 0.9
+    # Dropout stayed in inference mode: the statistics are those of the inputs themselves.
+    assert recalibrate_batchnorm(model, x[:100], 512)  # one short batch: used alone
+    np.testing.assert_allclose(bn.moving_mean.numpy(), x[:100].mean(axis=0), rtol=1e-5)
+    plain = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    assert not recalibrate_batchnorm(plain, x, 512)
+
+
+BN_CFG = CnnConfig(blocks=(ConvBlock(convs=(ConvLayer(4, 3, batch_norm=True),),
+                                     dropout=0.2),), batch_size=16)
+
+
+@pytest.mark.parametrize("interim", [False, True])
+def test_batchnorm_models_are_validated_with_statistics_of_their_current_weights(
+    monkeypatch: pytest.MonkeyPatch, interim: bool,
+) -> None:
+    x, y, xv, yv = _noise(4, 64, 60)
+    extra: dict[str, Any] = {"interim_val": np.arange(30)} if interim else {}
+    res = fit_config(BN_CFG, x, y, xv, yv, epochs=2, seed=0, keep_model=True, **extra)
+    assert res.model is not None
+    bn = next(layer for layer in res.model.layers
+              if isinstance(layer, keras.layers.BatchNormalization))
+    mean = bn.moving_mean.numpy().copy()
+    # Re-estimating again changes nothing: the last pass was scored with these statistics,
+    # not with the moving averages that trail the weights.
+    recalibrate_batchnorm(res.model, x, MIN_VALIDATION_BATCH)
+    np.testing.assert_allclose(bn.moving_mean.numpy(), mean, rtol=1e-5, atol=1e-6)
+    # ... and training itself is untouched: the same losses and weights without it.
+    monkeypatch.setattr("fmnist_search.training.recalibrate_batchnorm",
+                        lambda *a, **k: False)
+    bare = fit_config(BN_CFG, x, y, xv, yv, epochs=2, seed=0, keep_model=True, **extra)
+    assert bare.history["loss"] == pytest.approx(res.history["loss"], rel=1e-6)
+    assert bare.model is not None
+    for a, b in zip(bare.model.trainable_weights, res.model.trainable_weights, strict=True):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(
+        next(layer for layer in bare.model.layers
+             if isinstance(layer, keras.layers.BatchNormalization)).moving_mean.numpy(),
+        mean, rtol=1e-3)
