@@ -314,3 +314,26 @@ def test_timeout_stops_starting_trials(tiny_dataset: Dataset, tmp_path: Path) ->
                     results_dir=tmp_path, timeout=1e-3)
     assert len(study.get_trials()) <= 1
     assert all(t.value is not None and math.isfinite(t.value) for t in study.get_trials())
+
+
+def test_batchnorm_trials_are_scored_after_re_estimating_the_statistics(
+    tiny_dataset: Dataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import fmnist_search.training as training
+
+    calls: list[int] = []
+    real = training.recalibrate_batchnorm
+
+    def spy(model: Any, x: Any, batch_size: int) -> bool:
+        calls.append(len(x))
+        return real(model, x, batch_size)
+
+    monkeypatch.setattr(training, "recalibrate_batchnorm", spy)
+    protocol = SearchProtocol(epochs=2, seed=0)
+    folds = make_folds(tiny_dataset, protocol)
+    space = space_from_dict({"batch_norm": [True]}, base=TINY)
+    study = _open(tmp_path, "kt-bn", protocol, space)
+    _run(study, folds, protocol, tmp_path, "random", 1, space=space)
+    assert [t.state for t in study.get_trials()] == [TrialState.COMPLETE]
+    # Before each epoch's validation pass, as the Optuna engine does.
+    assert len(calls) == 2 and all(n > 0 for n in calls)
