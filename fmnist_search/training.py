@@ -258,12 +258,15 @@ class _PreciseBatchNorm(keras.callbacks.Callback):
 def precise_batchnorm(
     model: keras.Model, x_train: np.ndarray, cfg: CnnConfig,
 ) -> _PreciseBatchNorm | None:
-    """The callback that re-estimates `model`'s BatchNorm statistics on the first
+    """The callback that re-estimates `model`'s BatchNorm statistics on
     BN_RECALIBRATION_IMAGES training images before validation; None without BatchNorm."""
     if not any(isinstance(layer, keras.layers.BatchNormalization) for layer in model.layers):
         return None
-    return _PreciseBatchNorm(model, x_train[:BN_RECALIBRATION_IMAGES],
-                             validation_batch_size(cfg))
+    # Spread over the whole set, not its first images: a data set stored class by class
+    # would otherwise give the statistics of one class.
+    n = min(len(x_train), BN_RECALIBRATION_IMAGES)
+    pick = np.linspace(0, len(x_train) - 1, n).round().astype(int)
+    return _PreciseBatchNorm(model, x_train[pick], validation_batch_size(cfg))
 
 
 def validation_batch_size(cfg: CnnConfig) -> int:

@@ -18,6 +18,7 @@ from fmnist_search.training import (
     CosineWithinDeadline,
     augmented_batches,
     fit_config,
+    precise_batchnorm,
     recalibrate_batchnorm,
 )
 from searchspace import CnnConfig, ConvBlock, ConvLayer
@@ -333,3 +334,15 @@ def test_batchnorm_models_are_validated_with_statistics_of_their_current_weights
         next(layer for layer in bare.model.layers
              if isinstance(layer, keras.layers.BatchNormalization)).moving_mean.numpy(),
         mean, rtol=1e-3)
+
+
+def test_recalibration_images_are_spread_over_a_set_stored_class_by_class() -> None:
+    x = np.concatenate([np.zeros((3000, 2), np.float32), np.ones((3000, 2), np.float32)])
+    bn = keras.layers.BatchNormalization()
+    model = keras.Sequential([keras.Input((2,)), bn])
+    callback = precise_batchnorm(model, x, TINY)
+    assert callback is not None
+    callback.apply()
+    np.testing.assert_allclose(bn.moving_mean.numpy(), [0.5, 0.5], atol=0.01)
+    assert precise_batchnorm(keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)]),
+                             x, TINY) is None
