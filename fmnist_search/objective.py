@@ -35,8 +35,9 @@ class TrialFailedError(RuntimeError):
 
 
 # Stored with every study's protocol: studies made before trials were scored this way (at
-# their best epoch) lack it and are not continued.
-SCORE = "last epoch, every validation image"
+# their best epoch) lack it and are not continued, and those scored before BatchNorm's
+# statistics were re-estimated for validation (`training.recalibrate_batchnorm`) differ in it.
+SCORE = "last epoch, every validation image, BatchNorm statistics re-estimated"
 
 
 @dataclass(frozen=True)

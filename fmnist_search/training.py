@@ -199,11 +199,12 @@ MIN_VALIDATION_BATCH = 512
 
 
 # Training images whose statistics replace BatchNorm's moving ones before a validation pass.
-# The moving averages lag the weights: on 2,000 images (16 steps an epoch at batch 128)
-# a BatchNorm model that reached 0.76 training accuracy after 3 epochs scored 0.39 in
-# inference mode and 0.86 by epoch 9, so the pruner cut the study's best trial after
-# epoch 1 (pruning benchmark, seeds 1 and 2). Statistics re-estimated with the weights
-# as they are ("precise BatchNorm") score the model, not the lag.
+# The moving averages lag the weights: in the pruning benchmark on 2,000 images, seed 2's
+# trial 7 (three BatchNorm conv blocks, batch 256: 8 steps an epoch) had 0.76 training
+# accuracy after 3 epochs and scored 0.39 on validation, 0.86 after 9; the pruner had cut
+# it after epoch 1 (0.26), as it cut seed 1's best trial, also a BatchNorm model.
+# Statistics re-estimated with the weights as they are ("precise BatchNorm") score the
+# model, not the lag.
 # Re-estimating on 1,024 of them took 0.8-0.9 s for that model, against 5.1 s for one of its
 # epochs on 2,000 images and 14-30 s on 10,000 (measured beside a running search); only
 # models with BatchNorm pay it, and only before the epochs that are validated.
@@ -215,10 +216,15 @@ def recalibrate_batchnorm(model: keras.Model, x: np.ndarray, batch_size: int) ->
     averaged over `x` in batches of `batch_size`, with the weights as they are now.
 
     Only BatchNorm runs in training mode: Dropout and the rest stay in inference mode,
-    so no random numbers are drawn and the training that follows is unchanged. The
+    so no random numbers are drawn and the weights learned after it are unchanged. The
     averaging is cumulative (momentum k/(k+1) for the k-th batch), so every batch counts
     the same. Returns False, doing nothing, for a model without BatchNorm.
+    Raises TypeError for a model that is not a flat Sequential (it runs layer by layer).
     """
+    if not isinstance(model, keras.Sequential) or any(
+            isinstance(layer, keras.Model) for layer in model.layers):
+        raise TypeError("BatchNorm statistics are re-estimated layer by layer: "
+                        "a flat Sequential model is needed")
     bns = {id(layer): layer for layer in model.layers
            if isinstance(layer, keras.layers.BatchNormalization)}
     if not bns or len(x) == 0:
@@ -226,6 +232,9 @@ def recalibrate_batchnorm(model: keras.Model, x: np.ndarray, batch_size: int) ->
     # A short last batch would weigh as much as a full one: leave it out, if there are others.
     n = (len(x) // batch_size) * batch_size or len(x)
     saved = {k: bn.momentum for k, bn in bns.items()}
+    for bn in bns.values():  # the first batch then replaces them, even NaN ones
+        bn.moving_mean.assign(keras.ops.zeros_like(bn.moving_mean))
+        bn.moving_variance.assign(keras.ops.ones_like(bn.moving_variance))
     try:
         for k, start in enumerate(range(0, n, batch_size)):
             for bn in bns.values():
@@ -262,10 +271,13 @@ def precise_batchnorm(
     BN_RECALIBRATION_IMAGES training images before validation; None without BatchNorm."""
     if not any(isinstance(layer, keras.layers.BatchNormalization) for layer in model.layers):
         return None
-    # Spread over the whole set, not its first images: a data set stored class by class
-    # would otherwise give the statistics of one class.
+    # Spread over the whole set, not its first images, and shuffled (by a generator of
+    # its own, leaving the global random state alone): a set stored class by class would
+    # otherwise give one class's statistics, or batches of few classes, whose averaged
+    # variances miss the spread between them.
     n = min(len(x_train), BN_RECALIBRATION_IMAGES)
-    pick = np.linspace(0, len(x_train) - 1, n).round().astype(int)
+    pick = np.random.default_rng(0).permutation(
+        np.linspace(0, len(x_train) - 1, n).round().astype(int))
     return _PreciseBatchNorm(model, x_train[pick], validation_batch_size(cfg))
 
 
@@ -274,6 +286,7 @@ def validation_batch_size(cfg: CnnConfig) -> int:
 
     Inference keeps no gradients, so larger batches cost little memory and run faster;
     the scores are the same up to float rounding (BatchNorm uses its moving statistics).
+    BatchNorm's re-estimation before validation runs in batches of this size too.
     """
     return max(cfg.batch_size, MIN_VALIDATION_BATCH)
 

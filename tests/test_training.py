@@ -301,6 +301,35 @@ def test_recalibration_sets_the_average_batch_statistics_and_draws_nothing() -> 
     np.testing.assert_allclose(bn.moving_mean.numpy(), x[:100].mean(axis=0), rtol=1e-5)
     plain = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
     assert not recalibrate_batchnorm(plain, x, 512)
+    # Statistics gone NaN are replaced too; a model it cannot walk layer by layer is refused.
+    bn.moving_mean.assign(np.full(4, np.nan, np.float32))
+    recalibrate_batchnorm(model, x, 512)
+    assert np.isfinite(bn.moving_mean.numpy()).all()
+    inp = keras.Input((4,))
+    with pytest.raises(TypeError, match="flat Sequential"):
+        recalibrate_batchnorm(keras.Model(inp, keras.layers.BatchNormalization()(inp)), x, 512)
+
+
+def test_interim_validation_re_estimates_before_each_pass_it_makes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import fmnist_search.training as training
+
+    calls: list[int] = []
+    real = training.recalibrate_batchnorm
+
+    def spy(model: keras.Model, x: np.ndarray, batch_size: int) -> bool:
+        calls.append(len(x))
+        return real(model, x, batch_size)
+
+    monkeypatch.setattr(training, "recalibrate_batchnorm", spy)
+    x, y, xv, yv = _noise(5, 64, 60)
+    fit_config(BN_CFG, x, y, xv, yv, epochs=3, seed=0, interim_val=np.arange(30),
+               interim_epochs={1})
+    assert calls == [64, 64]  # epoch 1 on the subset, then every image after epoch 3
+    calls.clear()
+    fit_config(TINY, x, y, xv, yv, epochs=2, seed=0)
+    assert calls == []  # no BatchNorm, nothing to do
 
 
 BN_CFG = CnnConfig(blocks=(ConvBlock(convs=(ConvLayer(4, 3, batch_norm=True),),
@@ -344,5 +373,7 @@ def test_recalibration_images_are_spread_over_a_set_stored_class_by_class() -> N
     assert callback is not None
     callback.apply()
     np.testing.assert_allclose(bn.moving_mean.numpy(), [0.5, 0.5], atol=0.01)
+    # Batches mix both halves, so the variance is the set's, not that within a block.
+    np.testing.assert_allclose(bn.moving_variance.numpy(), [0.25, 0.25], atol=0.01)
     assert precise_batchnorm(keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)]),
                              x, TINY) is None
