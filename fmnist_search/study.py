@@ -8,6 +8,7 @@ import gc
 import hashlib
 import os
 import re
+import signal
 import threading
 import time
 import types
@@ -235,6 +236,115 @@ def _heartbeat_setting() -> tuple[int, int]:
 HEARTBEAT_INTERVAL, GRACE_PERIOD = _heartbeat_setting()
 
 
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # both end a search the same way (see cli)
+
+
+class _Held:
+    """The signals an `uninterrupted` block holds back: the handlers it replaced, and
+    those that arrived meanwhile."""
+
+    def __init__(self) -> None:
+        self.pending: list[int] = []
+        self.previous: list[Any] = []
+
+    def hold(self, signum: int, frame: Any) -> None:
+        if self.pending:  # asked twice: a hung storage call must not trap the user
+            raise KeyboardInterrupt
+        self.pending.append(signum)
+
+    def swap_in(self) -> None:
+        self.previous = [signal.signal(s, self.hold) for s in _SIGNALS]
+
+    def swap_out(self) -> None:
+        for s, handler in zip(_SIGNALS, self.previous, strict=True):
+            signal.signal(s, handler)
+
+    def deliver(self) -> None:
+        """Raise the first held signal again, to the handlers now in place."""
+        if self.pending:
+            signal.raise_signal(self.pending.pop(0))
+            self.pending.clear()
+
+
+_held: _Held | None = None  # the `uninterrupted` block the main thread is in, if any
+
+
+@contextlib.contextmanager
+def uninterrupted() -> Iterator[None]:
+    """Within: Ctrl-C and SIGTERM wait for the block to end; a second one does not wait.
+
+    A KeyboardInterrupt raised in the middle of a storage call can leave a SQLite read
+    statement unfinished, kept alive by the traceback's frames: its shared lock then
+    blocks the writes that record the interrupted trial as failed, 60 s (the busy
+    timeout) each, and a CI run hung there. Raised inside Optuna's bookkeeping after an
+    objective returns, it leaves the trial RUNNING and Optuna fails with UnboundLocalError.
+    So these are never cut in half: the signal is delivered again, to whatever handler
+    was in place, once the block ends. Only the main thread handles signals; elsewhere
+    (heartbeat threads) this does nothing.
+    """
+    global _held
+    if (
+        _held is not None
+        or threading.current_thread() is not threading.main_thread()
+        or any(signal.getsignal(s) is None for s in _SIGNALS)  # a C handler: not ours to swap
+    ):
+        yield
+        return
+    held = _Held()
+    held.swap_in()
+    _held = held
+    try:
+        yield
+    finally:
+        _held = None
+        held.swap_out()
+        held.deliver()
+
+
+@contextlib.contextmanager
+def interruptible() -> Iterator[None]:
+    """Within an `uninterrupted` block: signals act at once again (an objective's training).
+
+    One held until now is delivered on entry. Storage calls made within are still
+    `uninterrupted`, each on its own."""
+    global _held
+    held = _held
+    if held is None:
+        yield
+        return
+    _held = None
+    held.swap_out()
+    try:
+        held.deliver()
+        yield
+    finally:
+        held.swap_in()
+        _held = held
+
+
+def _uninterrupted_call(method: Callable[..., Any]) -> Callable[..., Any]:
+    def call(*args: Any, **kwargs: Any) -> Any:
+        with uninterrupted():
+            return method(*args, **kwargs)
+
+    call.__name__, call.__doc__ = method.__name__, method.__doc__
+    return call
+
+
+class SafeRDBStorage(optuna.storages.RDBStorage):
+    """Optuna's RDBStorage whose public calls Ctrl-C does not cut in half (`uninterrupted`)."""
+
+
+# Public calls, and the private ones Optuna's cache and heartbeats call on the backend.
+_PRIVATE_CALLS = ("_create_new_trial", "_set_trial_param", "_get_trials", "_get_best_trial_id",
+                  "_get_stale_trial_ids")
+for _name, _attr in vars(optuna.storages.RDBStorage).items():
+    if (not _name.startswith("_") or _name in _PRIVATE_CALLS) and isinstance(
+        _attr, types.FunctionType
+    ):
+        setattr(SafeRDBStorage, _name, _uninterrupted_call(_attr))
+
+
 def make_storage(url: str) -> optuna.storages.BaseStorage:
     """RDB storage with heartbeats, so that a killed worker's trial is failed and retried.
 
@@ -260,7 +370,7 @@ def make_storage(url: str) -> optuna.storages.BaseStorage:
         with warnings.catch_warnings():
             # Heartbeats are marked experimental; they are what makes dead workers visible.
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(url, **kwargs)
+            return SafeRDBStorage(url, **kwargs)
     except Exception as e:  # sqlalchemy wraps driver errors; keep one line, no password
         raise StudyError(f"cannot open storage {redact(url)}: {_first_line(e)}") from None
 
@@ -407,7 +517,7 @@ def beaten_trials(storage: optuna.storages.RDBStorage, trial_ids: Sequence[int])
         from sqlalchemy import select
 
         table = TrialHeartbeatModel.__table__
-        with storage.engine.connect() as conn:
+        with uninterrupted(), storage.engine.connect() as conn:
             query = select(table.c.trial_id).where(table.c.trial_id.in_(list(trial_ids)))
             return set(conn.execute(query).scalars())
     except (ImportError, AttributeError):
@@ -462,9 +572,10 @@ class TrialLock:
         elif self._engine is not None:
             from sqlalchemy import text
 
-            self._conn = self._engine.connect()
-            self._conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": self._key})
-            self._conn.commit()
+            with uninterrupted():
+                self._conn = self._engine.connect()
+                self._conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": self._key})
+                self._conn.commit()
 
     def release(self) -> None:
         if self._fd is not None:
@@ -474,12 +585,13 @@ class TrialLock:
         if self._conn is not None:
             from sqlalchemy import text
 
-            try:
-                self._conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": self._key})
-                self._conn.commit()
-            finally:
-                self._conn.close()
-                self._conn = None
+            with uninterrupted():
+                try:
+                    self._conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": self._key})
+                    self._conn.commit()
+                finally:
+                    self._conn.close()
+                    self._conn = None
 
 
 def _heartbeat_threads() -> list[tuple[threading.Thread, int, threading.Event]]:
@@ -601,7 +713,13 @@ def _run_trials(
 
         def locked_objective(trial: optuna.Trial) -> float | tuple[float, ...]:
             release()  # the trial exists (RUNNING): other workers may now count it
-            return objective(trial)
+            try:
+                with interruptible():  # Ctrl-C stops training at once, not Optuna's records
+                    return objective(trial)
+            except KeyboardInterrupt:
+                if "fail_reason" not in trial.user_attrs:  # held until the objective began
+                    trial.set_user_attr("fail_reason", "interrupted (Ctrl-C)")
+                raise
 
         try:
             if heartbeat:
@@ -614,13 +732,14 @@ def _run_trials(
                 break
             last.clear()
             # n_trials counts per optimize() call in Optuna: one call per trial here.
-            study.optimize(
-                locked_objective,
-                n_trials=1,
-                callbacks=[*callbacks, remember],
-                catch=(Exception,),
-                gc_after_trial=True,
-            )
+            with uninterrupted():  # only the objective's own work may be cut short
+                study.optimize(
+                    locked_objective,
+                    n_trials=1,
+                    callbacks=[*callbacks, remember],
+                    catch=(Exception,),
+                    gc_after_trial=True,
+                )
         except BaseException as e:  # Ctrl-C, SystemExit, a lost storage
             reason = "interrupted (Ctrl-C)" if isinstance(e, KeyboardInterrupt) else None
             _stop_heartbeats(study, reason or f"interrupted ({type(e).__name__})")

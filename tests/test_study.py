@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gc
+import signal
+import time
 import uuid
 import weakref
 from datetime import datetime, timedelta
@@ -121,6 +123,104 @@ def test_interim_validation_size_may_change_but_not_the_score(tmp_path: Path) ->
     with pytest.raises(st.StudyError, match="older version.*best epoch.*new --study-name"):
         st.open_study(url2, "old", st.make_sampler("tpe", 0), st.make_pruner("none", 1),
                       SearchProtocol().to_dict())
+
+
+def test_ctrl_c_inside_a_storage_read_waits_for_it(tmp_path: Path) -> None:
+    """Ctrl-C in the middle of a SQLite read arrives once the call returns. Cut there, the
+    read kept its shared lock (alive in the traceback) and every write that recorded the
+    interrupted trial waited out the busy timeout: a CI run hung after Ctrl-C."""
+    from sqlalchemy import event
+
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    storage = st.make_storage(url)
+    study = optuna.create_study(storage=storage, study_name="u")
+    for _ in range(3):
+        study.tell(study.ask(), 1.0)
+    fired: list[str] = []
+
+    @event.listens_for(storage.engine, "after_cursor_execute")  # type: ignore[attr-defined]
+    def ctrl_c(conn: object, cursor: object, statement: str, *rest: object) -> None:
+        if not fired and statement.lstrip().upper().startswith("SELECT"):
+            fired.append(statement)  # the statement has run; its rows are not read yet
+            signal.raise_signal(signal.SIGINT)
+
+    with pytest.raises(KeyboardInterrupt) as kept:  # kept: its traceback stays alive
+        storage.get_all_trials(study._study_id)
+    assert fired and kept.value is not None
+    other = optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 2}})
+    start = time.monotonic()
+    other.set_study_user_attr(study._study_id, "written", True)  # not "database is locked"
+    assert time.monotonic() - start < 1
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+
+
+def test_a_second_ctrl_c_does_not_wait() -> None:
+    """A storage call that hangs must not trap the user: the second Ctrl-C goes through."""
+    reached = []
+    with pytest.raises(KeyboardInterrupt), st.uninterrupted():
+        signal.raise_signal(signal.SIGINT)
+        reached.append("after the first")
+        signal.raise_signal(signal.SIGINT)
+        reached.append("after the second")
+    assert reached == ["after the first"]
+
+
+def test_ctrl_c_while_a_trial_is_recorded_waits_for_the_record(tmp_path: Path) -> None:
+    """Ctrl-C inside Optuna's bookkeeping after the objective returned (here, the UPDATE
+    that completes the trial) arrives once the trial is recorded: cut there, Optuna
+    raised UnboundLocalError (a traceback instead of exit 130) and left the trial RUNNING."""
+    from sqlalchemy import event
+
+    study = _open(st.default_storage(tmp_path, "s"))
+    fired: list[str] = []
+
+    @event.listens_for(study._storage._backend.engine, "after_cursor_execute")  # type: ignore[attr-defined]
+    def ctrl_c(conn: object, cursor: object, statement: str, *rest: object) -> None:
+        if not fired and statement.startswith("UPDATE trials SET state"):
+            fired.append(statement)
+            signal.raise_signal(signal.SIGINT)
+
+    with pytest.raises(KeyboardInterrupt):
+        st.run_trials(study, _quick, 3)
+    assert fired
+    assert [t.state for t in study.get_trials()] == [TrialState.COMPLETE]
+
+
+def test_ctrl_c_held_back_reaches_the_objective_at_its_start() -> None:
+    """Held while Optuna prepares a trial, Ctrl-C is raised as the objective begins, so the
+    trial is failed as interrupted rather than trained."""
+    ran = []
+    with st.uninterrupted():
+        signal.raise_signal(signal.SIGINT)  # held
+        with pytest.raises(KeyboardInterrupt), st.interruptible():
+            ran.append("objective")
+        assert signal.getsignal(signal.SIGINT) is not signal.default_int_handler  # held again
+    assert ran == []
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_ctrl_c_before_the_objective_fails_the_trial_as_interrupted(tmp_path: Path) -> None:
+    study = _open(st.default_storage(tmp_path, "s"))
+    st.run_trials(study, _quick, 1)
+
+    def objective(trial: optuna.Trial) -> float:
+        raise AssertionError("trained after Ctrl-C")
+
+    from sqlalchemy import event
+
+    fired: list[str] = []
+
+    @event.listens_for(study._storage._backend.engine, "after_cursor_execute")  # type: ignore[attr-defined]
+    def ctrl_c(conn: object, cursor: object, statement: str, *rest: object) -> None:
+        if not fired and statement.startswith("INSERT INTO trials "):  # study.ask()
+            fired.append(statement)
+            signal.raise_signal(signal.SIGINT)
+
+    with pytest.raises(KeyboardInterrupt):
+        st.run_trials(study, objective, 3)
+    assert fired
+    last = study.get_trials()[-1]
+    assert last.state == TrialState.FAIL and "Ctrl-C" in last.user_attrs["fail_reason"]
 
 
 def test_stale_running_trial_is_failed(tmp_path: Path) -> None:
