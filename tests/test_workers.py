@@ -6,6 +6,7 @@ import contextlib
 import os
 import signal
 import sqlite3
+import subprocess
 import time
 import uuid
 from pathlib import Path
@@ -154,6 +155,16 @@ def _wait_for_running(
     raise AssertionError("no trial was caught running")
 
 
+def _after_signal(proc: subprocess.Popen[str], limit: float = 120) -> tuple[str, str]:
+    """The output of a search told to stop; on a hang, what it printed, not just a timeout."""
+    try:
+        return proc.communicate(timeout=limit)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        pytest.fail(f"still running {limit:.0f} s after the signal\n{out[-3000:]}\n{err[-3000:]}")
+
+
 def _wait_for_heartbeat(db: str, name: str, number: int, limit: float = 60) -> None:
     """Waits until trial `number` of study `name` has a heartbeat recorded."""
     from fmnist_search import study as st
@@ -275,7 +286,7 @@ def test_sigint_marks_trial_prints_leaderboard_exit_130(slower_dir: Path, tmp_pa
     proc = popen_cli(*args)
     stopped = _wait_for_running(db, "i", proc)
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
+    out, err = _after_signal(proc)
     assert proc.returncode == 130, err
     assert "Leaderboard" in out and "Traceback" not in err
     t = optuna.load_study(study_name="i", storage=db).get_trials()[stopped]
@@ -302,7 +313,7 @@ def test_stopping_the_parent_stops_its_workers(
     workers = psutil.Process(proc.pid).children()
     assert len(workers) == 2
     proc.send_signal(sig)
-    out, err = proc.communicate(timeout=120)
+    out, err = _after_signal(proc)
     if sig == signal.SIGTERM:
         assert proc.returncode == 130, err
         assert "Leaderboard" in out and "Traceback" not in err
