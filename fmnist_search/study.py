@@ -253,11 +253,17 @@ class _Held:
         self.pending.append(signum)
 
     def swap_in(self) -> None:
-        self.previous = [signal.signal(s, self.hold) for s in _SIGNALS]
+        # An ignored signal stays ignored (a search started in the background ignores
+        # the terminal's Ctrl-C): holding it would let a second one interrupt.
+        self.previous = [signal.getsignal(s) for s in _SIGNALS]
+        for s, handler in zip(_SIGNALS, self.previous, strict=True):
+            if handler is not signal.SIG_IGN:
+                signal.signal(s, self.hold)
 
     def swap_out(self) -> None:
         for s, handler in zip(_SIGNALS, self.previous, strict=True):
-            signal.signal(s, handler)
+            if handler is not signal.SIG_IGN:
+                signal.signal(s, handler)
 
     def deliver(self) -> None:
         """Raise the first held signal again, to the handlers now in place."""

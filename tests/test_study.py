@@ -7,6 +7,7 @@ import signal
 import time
 import uuid
 import weakref
+from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -125,6 +126,16 @@ def test_interim_validation_size_may_change_but_not_the_score(tmp_path: Path) ->
                       SearchProtocol().to_dict())
 
 
+@pytest.fixture
+def sigint_raises() -> Iterator[None]:
+    """Ctrl-C raises KeyboardInterrupt here, as in a terminal; a test run started in the
+    background (CI) inherits SIGINT ignored."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+@pytest.mark.usefixtures("sigint_raises")
 def test_ctrl_c_inside_a_storage_read_waits_for_it(tmp_path: Path) -> None:
     """Ctrl-C in the middle of a SQLite read arrives once the call returns. Cut there, the
     read kept its shared lock (alive in the traceback) and every write that recorded the
@@ -154,6 +165,7 @@ def test_ctrl_c_inside_a_storage_read_waits_for_it(tmp_path: Path) -> None:
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
 
 
+@pytest.mark.usefixtures("sigint_raises")
 def test_a_second_ctrl_c_does_not_wait() -> None:
     """A storage call that hangs must not trap the user: the second Ctrl-C goes through."""
     reached = []
@@ -165,6 +177,21 @@ def test_a_second_ctrl_c_does_not_wait() -> None:
     assert reached == ["after the first"]
 
 
+def test_an_ignored_ctrl_c_stays_ignored() -> None:
+    """A search started in the background ignores the terminal's Ctrl-C, even twice."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with st.uninterrupted():
+            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    except KeyboardInterrupt:  # not re-raised: pytest would take it as the user's Ctrl-C
+        pytest.fail("an ignored Ctrl-C interrupted")
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@pytest.mark.usefixtures("sigint_raises")
 def test_ctrl_c_while_a_trial_is_recorded_waits_for_the_record(tmp_path: Path) -> None:
     """Ctrl-C inside Optuna's bookkeeping after the objective returned (here, the UPDATE
     that completes the trial) arrives once the trial is recorded: cut there, Optuna
@@ -186,6 +213,7 @@ def test_ctrl_c_while_a_trial_is_recorded_waits_for_the_record(tmp_path: Path) -
     assert [t.state for t in study.get_trials()] == [TrialState.COMPLETE]
 
 
+@pytest.mark.usefixtures("sigint_raises")
 def test_ctrl_c_held_back_reaches_the_objective_at_its_start() -> None:
     """Held while Optuna prepares a trial, Ctrl-C is raised as the objective begins, so the
     trial is failed as interrupted rather than trained."""
@@ -199,6 +227,7 @@ def test_ctrl_c_held_back_reaches_the_objective_at_its_start() -> None:
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+@pytest.mark.usefixtures("sigint_raises")
 def test_ctrl_c_before_the_objective_fails_the_trial_as_interrupted(tmp_path: Path) -> None:
     study = _open(st.default_storage(tmp_path, "s"))
     st.run_trials(study, _quick, 1)
