@@ -76,10 +76,11 @@ def form(quick: bool) -> str:
 
 
 def quiet_tensorflow() -> None:
-    """Import TensorFlow with its start-up chatter muted (as the CLI does)."""
-    from fmnist_search.cli import import_tensorflow_quietly
+    """Import TensorFlow with its start-up chatter muted, and train in the precision the
+    CLI picks by default (`--precision auto`), so both sides of a comparison share it."""
+    from fmnist_search.cli import use_precision
 
-    import_tensorflow_quietly()
+    use_precision("auto")
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
@@ -111,7 +112,15 @@ def environment() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
         "versions": versions,
+        "precision": _precision(),
     }
+
+
+def _precision() -> str:
+    """The arithmetic `--precision auto` trains in on this machine (float32 or bfloat16)."""
+    from fmnist_search.precision import resolve
+
+    return resolve("auto")
 
 
 def result_path(name: str, quick: bool) -> Path:
@@ -185,7 +194,9 @@ def provenance(result: dict[str, Any]) -> str:
         f"*`{result['command']}` on {result['created'][:16].replace('T', ' ')}; "
         f"{env.get('cpu_count')} CPU cores, load average {load[0] if load else '?'} at the start; "
         f"TensorFlow {env['versions'].get('tensorflow')}, Keras {env['versions'].get('keras')}, "
-        f"Optuna {env['versions'].get('optuna')}, KerasTuner {env['versions'].get('keras-tuner')}.*"
+        f"Optuna {env['versions'].get('optuna')}, KerasTuner {env['versions'].get('keras-tuner')}"
+        # Runs from before the precision was recorded trained in float32.
+        f"; {env.get('precision', 'float32')} arithmetic.*"
     )
 
 

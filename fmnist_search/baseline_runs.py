@@ -30,12 +30,13 @@ from .cli import (
     EXIT_INTERRUPTED,
     EXIT_RUNTIME,
     Parser,
+    add_precision_arg,
     add_protocol_args,
     add_storage_args,
     err,
-    import_tensorflow_quietly,
     load_space_arg,
     storage_url,
+    use_precision,
 )
 from .leaderboard import baseline_study_name, leaderboard, render_baselines, study_user_attrs
 
@@ -115,6 +116,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
         help="discard the stored baseline measurements (e.g. made under an old protocol) first",
     )
     g.add_argument("--no-progress", action="store_true", help="plain log lines, no live bars")
+    add_precision_arg(g)
     add_protocol_args(p)
     add_storage_args(p)
     # UNSET tells "not given" from "given with the default value": only given flags can
@@ -218,7 +220,7 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_RUNTIME
     # soft_wrap: a message stays one line in logs and pipes.
     console = Console(stderr=True, soft_wrap=True)
-    import_tensorflow_quietly()
+    use_precision(args.precision)
     from .data import DataError, load_dataset
     from .objective import Objective, SearchProtocol, make_folds
 

@@ -538,6 +538,7 @@ def _final_member_fit(
     it misses a collapse late in the last one). A one-epoch fit is not judged (on small
     data a healthy model can be near chance after one pass).
     """
+    from .precision import as_float32
     from .training import CollapsedError
 
     res = _fit(
@@ -545,6 +546,10 @@ def _final_member_fit(
         num_classes=data.num_classes, number=number, progress=progress, augment=augment,
         deadline_s=deadline_s, collapse_below=collapse_below,
     )
+    if res.model is not None:
+        # Trained under mixed bfloat16 (precision.py), exported in float32: same weights,
+        # runs on any CPU; the test accuracy is the float32 copy's, the model shipped.
+        res.model = as_float32(res.model)
     if res.model is not None and res.epochs_run >= 2:
         n = min(len(data.y_train), 2_000)
         probs = res.model.predict(data.x_train[:n], batch_size=1024, verbose=0)
@@ -823,6 +828,8 @@ def export_study(
     if dropped:
         card["ensemble_dropped"] = dropped
     metrics = _evaluate(model, data)  # the one and only look at the test images
+    from .precision import current as current_precision
+
     ua = trial.user_attrs
     card = {
         "format_version": CARD_VERSION,
@@ -839,6 +846,8 @@ def export_study(
         "final_epochs_rule": rule,
         "train_images": train_images,
         "train_time_s": round(sum(f.wall_time for *_, f in fits) if fits else res.wall_time, 3),
+        # The arithmetic of the fit; the exported model is float32 either way (precision.py).
+        "train_precision": current_precision(),
         "seed": seed,
         "test_images": metrics["test_images"],
         "per_class": metrics["per_class"],
@@ -1116,7 +1125,13 @@ def write_export(model: keras.Model, card: dict[str, Any], out_dir: Path) -> Pat
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
     """Parser of `run_search.py export`."""
-    from .cli import Parser, add_storage_args, int_at_least, positive_float
+    from .cli import (
+        Parser,
+        add_precision_arg,
+        add_storage_args,
+        int_at_least,
+        positive_float,
+    )
 
     p = Parser(
         prog=prog,
@@ -1149,6 +1164,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int_at_least(0), default=None,
                    help="initial-weights seed (default: the trial's own seed)")
     p.add_argument("--no-progress", action="store_true", help="no live progress bars")
+    add_precision_arg(p)
     p.add_argument("--pareto", action="store_true",
                    help="export every trial on the Pareto front (accuracy vs the study's other "
                    "objectives, or vs parameters) to results/<study>/pareto/trial-<n>/")
@@ -1215,8 +1231,8 @@ def run(args: argparse.Namespace) -> int:
         StoredStudyError,
         UsageError,
         err,
-        import_tensorflow_quietly,
         load_stored_study,
+        use_precision,
     )
 
     if args.no_final_fit and args.final_epochs is not None:
@@ -1240,7 +1256,7 @@ def run(args: argparse.Namespace) -> int:
     except (StoredStudyError, ExportError) as e:
         err(str(e))
         return EXIT_RUNTIME
-    import_tensorflow_quietly()
+    use_precision(args.precision)
     from rich.console import Console
 
     from .data import DataError, load_dataset

@@ -54,6 +54,7 @@ from . import session
 from . import study as st
 from .model import build_cnn, count_params
 from .objective import Folds, ProgressSink, SearchProtocol
+from .precision import current as current_precision
 from .training import (
     DivergedError,
     _Hooks,
@@ -275,7 +276,7 @@ class _Engine:
 
     def _frozen(self, trial: Any, rec: _Record, interrupted: bool) -> FrozenTrial:
         ua: dict[str, Any] = {"engine": self.engine, "kt_trial_id": str(trial.trial_id),
-                              "interim_val_size": 0}
+                              "interim_val_size": 0, "precision": current_precision()}
         if self.run_id is not None:
             ua["kt_run"] = self.run_id
         params: dict[str, Any] = {}

@@ -6,6 +6,8 @@ import keras
 
 from searchspace.config import CnnConfig, validate
 
+from .precision import ensure as ensure_precision
+
 # BatchNorm's moving statistics keep this share of their old value at each step. Keras'
 # default, 0.99, needs several hundred steps to forget its initial mean 0 / variance 1: a
 # 3-epoch trial on 10,000 images has 120 to 470, and BatchNorm models then scored near
@@ -47,6 +49,7 @@ def build_cnn(
         InvalidConfigError: before any layer is made, when `cfg` can't be built.
     """
     validate(cfg, input_shape[0])
+    ensure_precision()  # the chosen one, even after a cleared session (precision.py)
     layers: list[keras.layers.Layer] = [keras.Input(shape=input_shape)]
     for block in cfg.blocks:
         for c in block.convs:
@@ -80,7 +83,9 @@ def build_cnn(
             layers.append(keras.layers.BatchNormalization(momentum=BN_MOMENTUM))
         if d.dropout:
             layers.append(keras.layers.Dropout(d.dropout))
-    layers.append(keras.layers.Dense(num_classes, activation="softmax"))
+    # float32 whatever the policy (precision.py): under mixed bfloat16 the probabilities,
+    # and the loss computed from them, would otherwise keep only about 3 significant digits.
+    layers.append(keras.layers.Dense(num_classes, activation="softmax", dtype="float32"))
     model = keras.Sequential(layers, name="cnn")
     if compile_model:
         model.compile(

@@ -25,6 +25,7 @@ from .multiobjective import (
     set_constraints,
     violates_before_training,
 )
+from .precision import current as current_precision
 from .session import released_session
 from .study import pruner_read_steps
 from .training import DivergedError, fit_config
@@ -197,6 +198,8 @@ class Objective:
                 trial.set_user_attr("fail_reason", f"invalid config: {e}")
                 raise TrialFailedError(f"invalid config: {e}") from None
             trial.set_user_attr("params", count_params(cfg, self.folds.num_classes))
+            # bfloat16 or float32 (precision.py): scores differ slightly between the two.
+            trial.set_user_attr("precision", current_precision())
             if self.progress:
                 self.progress.trial_started(trial.number, cfg)
             latency = self._limits(trial, cfg)

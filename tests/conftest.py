@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,10 +20,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
-def _seeded() -> None:
+def _seeded() -> Iterator[None]:
     import keras
 
     keras.utils.set_random_seed(0)
+    yield
+    # A command run in this process (`cli.main`) chooses the precision models are built
+    # in; the next test builds its models in float32 unless it chooses one itself.
+    from fmnist_search.precision import use
+
+    use("float32")
 
 
 @pytest.fixture(scope="session")
