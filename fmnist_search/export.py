@@ -492,6 +492,7 @@ def _fit(
     accuracy on every validation image is the trial's score. Without (the final fit), the
     learning rate follows a cosine to 0 and, with `deadline_s`, the fit plans fewer epochs
     if they run too slow for it."""
+    from .precision import as_float32
     from .training import fit_config
 
     def on_epoch(e: int, logs: dict[str, float]) -> None:
@@ -505,7 +506,7 @@ def _fit(
     if progress:
         progress.trial_started(number, cfg)
         progress.epoch_started(number, 1, epochs)
-    return fit_config(
+    res = fit_config(
         cfg, x, y, x_val, y_val, epochs=epochs, seed=seed, num_classes=num_classes,
         on_epoch=on_epoch, on_batch=progress.batch_done if progress else None,
         keep_model=True,
@@ -516,6 +517,11 @@ def _fit(
         augment=augment,
         collapse_below=collapse_below,
     )
+    if res.model is not None:
+        # Trained under mixed bfloat16 (precision.py), exported in float32: the same
+        # weights, runs on any CPU; test accuracy is measured on this copy, the model shipped.
+        res.model = as_float32(res.model)
+    return res
 
 
 def _final_member_fit(
@@ -538,7 +544,6 @@ def _final_member_fit(
     it misses a collapse late in the last one). A one-epoch fit is not judged (on small
     data a healthy model can be near chance after one pass).
     """
-    from .precision import as_float32
     from .training import CollapsedError
 
     res = _fit(
@@ -546,10 +551,6 @@ def _final_member_fit(
         num_classes=data.num_classes, number=number, progress=progress, augment=augment,
         deadline_s=deadline_s, collapse_below=collapse_below,
     )
-    if res.model is not None:
-        # Trained under mixed bfloat16 (precision.py), exported in float32: same weights,
-        # runs on any CPU; the test accuracy is the float32 copy's, the model shipped.
-        res.model = as_float32(res.model)
     if res.model is not None and res.epochs_run >= 2:
         n = min(len(data.y_train), 2_000)
         probs = res.model.predict(data.x_train[:n], batch_size=1024, verbose=0)

@@ -173,10 +173,16 @@ def config_latency(
     batch_sizes: Sequence[int] = (1, 256),
     repeats: int = 10,
 ) -> dict[str, float]:
-    """`measure_latency` of the (untrained) model `cfg` describes: usable before training."""
-    from .model import build_cnn
+    """`measure_latency` of the (untrained) model `cfg` describes: usable before training.
 
-    model = build_cnn(cfg, num_classes=num_classes, input_shape=input_shape, compile_model=False)
+    Measured in float32, as the model would be exported, whatever precision trains it.
+    """
+    from .model import build_cnn
+    from .precision import as_float32
+
+    model = as_float32(
+        build_cnn(cfg, num_classes=num_classes, input_shape=input_shape, compile_model=False)
+    )
     try:
         return measure_latency(model, batch_sizes, repeats)
     finally:
