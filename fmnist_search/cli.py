@@ -282,7 +282,7 @@ def build_parser(command: str) -> argparse.ArgumentParser:
             f"(default {DEFAULT_RECYCLE}; one worker with at most {DEFAULT_RECYCLE} trials "
             "left runs them in this process; 0: always in this process, one worker only)",
         )
-        from .export import DEFAULT_ENSEMBLE, FINAL_FIT_MINUTES
+        from .export import DEFAULT_ENSEMBLE, FINAL_FIT_MINUTES, MAX_ENSEMBLE
 
         g = p.add_argument_group("export of the best model (after the search)")
         g.add_argument(
@@ -327,8 +327,9 @@ def build_parser(command: str) -> argparse.ArgumentParser:
             default=None,
             metavar="K",
             help="final fit of the best trial and the next best K-1 of other architectures, "
-            f"exported as one model averaging them (default {DEFAULT_ENSEMBLE}; 1 with "
-            "--no-final-fit)",
+            f"exported as one model averaging them (default {DEFAULT_ENSEMBLE}, and up to "
+            f"{MAX_ENSEMBLE} while the --final-minutes budget holds each further member's "
+            "planned epochs; 1 with --no-final-fit)",
         )
         add_protocol_args(p)
         add_storage_args(p)
@@ -520,6 +521,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         raise UsageError("--ensemble and --no-final-fit exclude each other")
     from .export import resolve_ensemble
 
+    args.ensemble_given = args.ensemble  # None: the default, which may grow (extra_members)
     args.ensemble = resolve_ensemble(args.ensemble, single=args.no_final_fit)
     if args.recycle_after == 0 and (args.workers or 1) > 1:
         raise UsageError("--recycle-after 0 (trials in this process) needs --workers 1")
@@ -842,7 +844,14 @@ def uses_worker_processes(args: argparse.Namespace, done: int) -> bool:
 
 def _export_best(args: argparse.Namespace, study: Any, data: Any, console: Any) -> int:
     """Final fit of the best trial, one test evaluation, and the export (issue: export)."""
-    from .export import EXPORT_DIR, ExportError, FitProgress, export_study, pick_trial
+    from .export import (
+        EXPORT_DIR,
+        ExportError,
+        FitProgress,
+        export_study,
+        extra_members,
+        pick_trial,
+    )
 
     try:
         best = pick_trial(study)
@@ -866,6 +875,10 @@ def _export_best(args: argparse.Namespace, study: Any, data: Any, console: Any) 
                 command_line=sys.argv,
                 progress=progress,
                 ensemble=args.ensemble,
+                extra=extra_members(
+                    args.ensemble_given, final_fit=not args.no_final_fit,
+                    final_epochs=args.final_epochs, final_minutes=args.final_minutes,
+                ),
                 scale_up=not args.no_scale_up,
             )
     except ExportError as e:

@@ -79,6 +79,24 @@ def collapse_threshold(trial: FrozenTrial, num_classes: int) -> float:
 DEFAULT_ENSEMBLE = 2
 
 
+# With the default ensemble the final fit adds further members (the next best trials of
+# other architectures) while its time budget still holds each one's full planned epochs, up
+# to this many in all. On a fast machine two members used 17 of the 40 minutes (run 21,
+# README): the rest of the budget went unused while more members average out more error.
+MAX_ENSEMBLE = 4
+
+
+def extra_members(
+    given: int | None, *, final_fit: bool, final_epochs: int | None,
+    final_minutes: float | None,
+) -> int:
+    """Members the final fit may add beyond DEFAULT_ENSEMBLE when its budget has room: none
+    when --ensemble or --final-epochs is given, without a final fit or without a budget."""
+    if given is not None or not final_fit or final_epochs is not None or final_minutes is None:
+        return 0
+    return MAX_ENSEMBLE - DEFAULT_ENSEMBLE
+
+
 def resolve_ensemble(given: int | None, *, single: bool) -> int:
     """--ensemble as given, else 1 when one model is meant (--trial, --pareto,
     --no-final-fit), else DEFAULT_ENSEMBLE."""
@@ -575,6 +593,7 @@ def export_study(
     command_line: Sequence[str] | None = None,
     progress: ProgressSink | None = None,
     ensemble: int = 1,
+    extra: int = 0,
     scale_up: bool = True,
     no_scale_up_reason: str = "--no-scale-up",
 ) -> Path:
@@ -597,6 +616,8 @@ def export_study(
         ensemble: Final fit only: also retrain the next best trials of other architectures
             (`ensemble_members`), `ensemble` models in all, and export one model that
             averages their softmax outputs. The time budget is shared among them.
+        extra: Final fit with a budget only: up to this many further members (`extra_members`),
+            each only if what is left of the budget holds its full planned epochs.
         scale_up: Final fit only: train each architecture as wide and deep as the study's
             space allows (`searchspace.scaled_up`), unless the study limits size or latency
             or optimises more than accuracy (`scale_up_applies`).
@@ -638,25 +659,32 @@ def export_study(
     def as_trained(c: CnnConfig) -> CnnConfig:
         return c if space is None else scaled_up(c, space)
 
+    if not final_fit or final_epochs is not None or final_minutes is None or (
+        protocol.get("max_params") is not None
+    ):
+        extra = 0  # extras need a budget to fit within, and must not break a size limit
     members = (
-        ensemble_members(study, trial, ensemble, as_trained=as_trained)
-        if ensemble > 1 else [trial]
+        ensemble_members(study, trial, ensemble + extra, as_trained=as_trained)
+        if ensemble + extra > 1 else [trial]
     )
-    _check_ensemble_size(members, protocol)
+    required = min(ensemble, len(members))  # the rest are extras, fitted while time allows
+    _check_ensemble_size(members[:required], protocol)
+    extra_note = None
     current = trial  # the trial being fitted, for the error messages
     fits: list[tuple[FrozenTrial, Any, int, str, int, Any]] = []
     dropped: list[dict[str, Any]] = []  # ensemble members whose final fit failed
     try:
         if final_fit:
             # The budget is the whole final fit's: each member gets an equal share of what is
-            # left, at its speed measured on a few batches just before its fit.
+            # left, at its speed measured on a few batches just before its fit; an extra
+            # member may take all that is left, but only if its planned epochs fit in it.
             spent = 0.0
             for i, m in enumerate(members):
                 current = m
+                optional = i >= required
+                left_s = None if final_minutes is None else max(0.0, 60 * final_minutes - spent)
                 budget_s = (
-                    None
-                    if final_minutes is None
-                    else max(0.0, 60 * final_minutes - spent) / (len(members) - i)
+                    None if left_s is None else left_s if optional else left_s / (required - i)
                 )
                 m_searched = cfg if m.number == trial.number else CnnConfig.from_json(
                     m.user_attrs["config"]
@@ -680,6 +708,16 @@ def export_study(
                         m, sp.epochs, len(tr), len(data.y_train), budget_s=deadline_s,
                         epoch_s=epoch_s,
                     )
+                    if optional:
+                        wanted, _ = default_final_epochs(m, sp.epochs, len(tr),
+                                                         len(data.y_train))
+                        if m_epochs < wanted:
+                            extra_note = (
+                                f"no further member: trial {m.number}'s {wanted} epochs at "
+                                f"about {epoch_s or 0:.0f} s each did not fit the "
+                                f"{(left_s or 0) / 60:.3g} min left of the budget"
+                            )
+                            break
                 else:
                     m_epochs, m_rule = final_epochs, "given on the command line (--final-epochs)"
                 fit_start = time.perf_counter()
@@ -820,12 +858,19 @@ def export_study(
             "architectures (dropout, optimiser and batch size aside); the top-level "
             "final_epochs, seed and config are trial "
             f"{trial.number}'s, params and train_time_s the whole ensemble's"
-            + ("" if len(fits) + len(dropped) == ensemble else f"; {ensemble} were asked, the "
+            + ("" if len(fits) + len(dropped) >= ensemble else f"; {ensemble} were asked, the "
                f"study had {len(fits) + len(dropped)} complete, feasible trials with a usable "
                "config")
             + (f"; {len(dropped)} more left out, their final fit failed (ensemble_dropped)"
                if dropped else "")
         )
+    if extra:
+        card["ensemble_extra"] = {
+            "allowed": extra,
+            "added": max(0, len(fits) + len(dropped) - required),
+            "note": extra_note or ("every allowed member fitted the budget" if len(members)
+                                   == required + extra else "the study had no more trials"),
+        }
     if dropped:
         card["ensemble_dropped"] = dropped
     metrics = _evaluate(model, data)  # the one and only look at the test images
@@ -1161,7 +1206,9 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--ensemble", type=int_at_least(1), default=None, metavar="K",
                    help="final fit of the best (or --trial) and the next best K-1 trials of "
                    "other architectures, exported as one model averaging them (default "
-                   f"{DEFAULT_ENSEMBLE}; 1 with --trial, --pareto or --no-final-fit)")
+                   f"{DEFAULT_ENSEMBLE}, and up to {MAX_ENSEMBLE} while the --final-minutes "
+                   "budget holds each further member's planned epochs; 1 with --trial, "
+                   "--pareto or --no-final-fit)")
     p.add_argument("--seed", type=int_at_least(0), default=None,
                    help="initial-weights seed (default: the trial's own seed)")
     p.add_argument("--no-progress", action="store_true", help="no live progress bars")
@@ -1280,6 +1327,10 @@ def run(args: argparse.Namespace) -> int:
                 final_fit=not args.no_final_fit, augment=args.augment,
                 final_minutes=args.final_minutes, seed=args.seed,
                 command_line=_command_line(args), progress=progress, ensemble=args.ensemble,
+                extra=extra_members(
+                    args.ensemble_given, final_fit=not args.no_final_fit,
+                    final_epochs=args.final_epochs, final_minutes=args.final_minutes,
+                ) if args.trial is None else 0,
                 scale_up=not args.no_scale_up,
             )
     except ExportError as e:

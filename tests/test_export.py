@@ -524,6 +524,42 @@ def test_ensemble_export_averages_its_members(
     assert capsys.readouterr().out.count("x.npy[") == 3
 
 
+def test_extra_members_only_for_the_default_ensemble_with_a_budget() -> None:
+    kw: dict[str, Any] = {"final_fit": True, "final_epochs": None, "final_minutes": 40.0}
+    assert ex.extra_members(None, **kw) == ex.MAX_ENSEMBLE - ex.DEFAULT_ENSEMBLE
+    assert ex.extra_members(2, **kw) == 0  # --ensemble given: exactly that many
+    assert ex.extra_members(None, **{**kw, "final_epochs": 5}) == 0
+    assert ex.extra_members(None, **{**kw, "final_minutes": None}) == 0
+    assert ex.extra_members(None, **{**kw, "final_fit": False}) == 0
+
+
+@pytest.mark.parametrize("minutes", [60.0, 1e-4])
+def test_the_default_ensemble_grows_only_while_the_budget_holds_whole_members(
+    tiny_dataset: Dataset, tmp_path: Path, minutes: float
+) -> None:
+    from searchspace import CnnConfig, ConvBlock, ConvLayer
+
+    study = _open(tmp_path, "g", tiny_dataset)
+    study.optimize(Objective(make_folds(tiny_dataset, PROTOCOL), SPACE, PROTOCOL), n_trials=1)
+    for i, kernel in enumerate((3, 5, 7)):
+        cfg = CnnConfig(blocks=(ConvBlock(convs=(ConvLayer(4, kernel),), pool="avg"),),
+                        batch_size=32)
+        _add_complete(study, cfg, -0.5 - i / 10)
+    out = ex.export_study(study, tiny_dataset, tmp_path / "best_model", final_minutes=minutes,
+                          ensemble=2, extra=2, command_line=["test"])
+    card = json.loads((out / "model_card.json").read_text())
+    if minutes > 1:  # room for all: the two asked for, then two more, each its full epochs
+        assert [m["trial"] for m in card["ensemble"]] == [0, 1, 2, 3]
+        assert card["ensemble_extra"]["added"] == 2
+        assert len({m["final_epochs"] for m in card["ensemble"]}) == 1  # none cut
+    else:  # the two asked for are cut to what fits; no extra one starts
+        assert [m["trial"] for m in card["ensemble"]] == [0, 1]
+        assert card["ensemble_extra"]["added"] == 0
+        assert card["ensemble_extra"]["note"].startswith("no further member: trial 2's")
+    assert "average of the softmax outputs of" in card["ensemble_note"]
+    _sha256sum_ok(out)
+
+
 def test_a_member_whose_final_fit_collapses_is_left_out(
     tiny_dataset: Dataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
