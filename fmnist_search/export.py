@@ -660,9 +660,12 @@ def export_study(
         return c if space is None else scaled_up(c, space)
 
     if not final_fit or final_epochs is not None or final_minutes is None or (
-        protocol.get("max_params") is not None
+        (protocol.get("objectives") or ["accuracy"]) != ["accuracy"]
+        or protocol.get("max_params") is not None or protocol.get("max_latency_ms") is not None
     ):
-        extra = 0  # extras need a budget to fit within, and must not break a size limit
+        # Extras need a budget to fit within; a study after small or fast models gets no
+        # more of them than it asked for (each member adds its size and latency).
+        extra = 0
     members = (
         ensemble_members(study, trial, ensemble + extra, as_trained=as_trained)
         if ensemble + extra > 1 else [trial]
