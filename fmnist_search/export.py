@@ -187,6 +187,16 @@ def architecture_key(cfg: Any) -> str:
     return str(bare.to_json())
 
 
+def _trained_key(t: FrozenTrial, as_trained: Callable[[Any], Any]) -> str | None:
+    """`architecture_key` of trial `t`'s config as the final fit trains it (None: unusable)."""
+    from searchspace.config import CnnConfig
+
+    try:
+        return architecture_key(as_trained(CnnConfig.from_json(t.user_attrs["config"])))
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
 def ensemble_members(
     study: optuna.Study, lead: FrozenTrial, k: int,
     as_trained: Callable[[Any], Any] = lambda c: c,
@@ -197,13 +207,8 @@ def ensemble_members(
     final fit will train it: `as_trained`) is already taken; when the study has fewer
     distinct architectures than `k`, the best skipped ones fill up.
     """
-    from searchspace.config import CnnConfig
-
     def key(t: FrozenTrial) -> str | None:
-        try:
-            return architecture_key(as_trained(CnnConfig.from_json(t.user_attrs["config"])))
-        except (KeyError, TypeError, ValueError):
-            return None  # unusable config: never a member
+        return _trained_key(t, as_trained)  # None: unusable config, never a member
 
     ranked = [t for t in ranked_trials(study) if t.number != lead.number and key(t) is not None]
     chosen, taken = [lead], {key(lead)}
@@ -672,7 +677,16 @@ def export_study(
     )
     required = min(ensemble, len(members))  # the rest are extras, fitted while time allows
     _check_ensemble_size(members[:required], protocol)
-    extra_note = None
+    # An extra member must bring another architecture (ensemble_members fills up with
+    # repeats when the study has too few): a repeat adds little and costs a whole fit.
+    taken = {_trained_key(m, as_trained) for m in members[:required]}
+    extras: list[FrozenTrial] = []
+    for m in members[required:]:
+        if _trained_key(m, as_trained) not in taken:
+            extras.append(m)
+            taken.add(_trained_key(m, as_trained))
+    members = members[:required] + extras
+    extra_note, extras_fitted = None, 0
     current = trial  # the trial being fitted, for the error messages
     fits: list[tuple[FrozenTrial, Any, int, str, int, Any]] = []
     dropped: list[dict[str, Any]] = []  # ensemble members whose final fit failed
@@ -714,12 +728,14 @@ def export_study(
                     if optional:
                         wanted, _ = default_final_epochs(m, sp.epochs, len(tr),
                                                          len(data.y_train))
-                        if m_epochs < wanted:
+                        room_s = deadline_s or 0.0
+                        if m_epochs < wanted or wanted * (epoch_s or 0.0) > room_s:
                             extra_note = (
                                 f"no further member: trial {m.number}'s {wanted} epochs at "
                                 f"about {epoch_s or 0:.0f} s each did not fit the "
-                                f"{(left_s or 0) / 60:.3g} min left of the budget"
+                                f"{room_s / 60:.3g} min left of the budget"
                             )
+                            del scaled[m.number]  # never trained
                             break
                 else:
                     m_epochs, m_rule = final_epochs, "given on the command line (--final-epochs)"
@@ -767,6 +783,7 @@ def export_study(
                     )
                     m_epochs = m_res.epochs_run
                 fits.append((m, m_cfg, m_epochs, m_rule, m_seed, m_res))
+                extras_fitted += optional
                 spent += m_res.wall_time
             _, trained_cfg, final_epochs, rule, seed, res = fits[0]
             card["final_fit"] = True
@@ -870,9 +887,12 @@ def export_study(
     if extra:
         card["ensemble_extra"] = {
             "allowed": extra,
-            "added": max(0, len(fits) + len(dropped) - required),
-            "note": extra_note or ("every allowed member fitted the budget" if len(members)
-                                   == required + extra else "the study had no more trials"),
+            "added": extras_fitted,
+            "note": extra_note or (
+                "every allowed member fitted the budget" if len(members) == required + extra
+                else "the study had no more trials of other architectures"
+            ) + ("" if extras_fitted == len(members) - required
+                 else "; a further member's final fit failed (ensemble_dropped)"),
         }
     if dropped:
         card["ensemble_dropped"] = dropped
@@ -992,9 +1012,13 @@ def average_models(members: Sequence[tuple[int, keras.Model]]) -> keras.Model:
     """
     import keras
 
-    inputs = keras.Input(shape=members[0][1].input_shape[1:])
-    outputs = [keras.Sequential([m], name=f"trial_{n}")(inputs) for n, m in members]
-    return keras.Model(inputs, keras.layers.Average(name="average")(outputs), name="ensemble")
+    from .precision import float32_policy
+
+    with float32_policy():  # the wrappers and the Average too: the export is float32 (README)
+        inputs = keras.Input(shape=members[0][1].input_shape[1:])
+        outputs = [keras.Sequential([m], name=f"trial_{n}")(inputs) for n, m in members]
+        return keras.Model(inputs, keras.layers.Average(name="average")(outputs),
+                           name="ensemble")
 
 
 def annotate_trial(study: optuna.Study, trial: FrozenTrial, key: str, value: Any) -> bool:

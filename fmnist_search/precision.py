@@ -13,6 +13,8 @@ A model trained under the mixed policy is exported as a float32 copy with the sa
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -89,6 +91,23 @@ def current() -> str:
     return "bfloat16" if compute == "bfloat16" else "float32"
 
 
+@contextlib.contextmanager
+def float32_policy() -> Iterator[None]:
+    """Keras' global policy float32 inside (what `use` chose outside): for models that ship.
+
+    Layers made without a dtype take the global policy, and so do the input layers Keras
+    adds for them (a Sequential wrapping a model would round its images to bfloat16).
+    """
+    import keras
+
+    before = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("float32")
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(before)
+
+
 def as_float32(model: keras.Model) -> keras.Model:
     """A float32 copy of `model` with its weights (the same values: the mixed policy keeps
     variables in float32). A float32 model is returned as it is."""
@@ -102,7 +121,8 @@ def as_float32(model: keras.Model) -> keras.Model:
         config["dtype"] = "float32"
         return layer.__class__.from_config(config)
 
-    copy = keras.models.clone_model(model, clone_function=clone)
+    with float32_policy():
+        copy = keras.models.clone_model(model, clone_function=clone)
     copy.set_weights(model.get_weights())
     return copy
 

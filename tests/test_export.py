@@ -533,30 +533,44 @@ def test_extra_members_only_for_the_default_ensemble_with_a_budget() -> None:
     assert ex.extra_members(None, **{**kw, "final_fit": False}) == 0
 
 
-@pytest.mark.parametrize("minutes", [60.0, 1e-4])
+@pytest.mark.parametrize("case", ["room", "no room", "repeats"])
 def test_the_default_ensemble_grows_only_while_the_budget_holds_whole_members(
-    tiny_dataset: Dataset, tmp_path: Path, minutes: float
+    tiny_dataset: Dataset, tmp_path: Path, case: str
 ) -> None:
-    from searchspace import CnnConfig, ConvBlock, ConvLayer
+    from searchspace import CnnConfig, ConvBlock, ConvLayer, DenseLayer
 
     study = _open(tmp_path, "g", tiny_dataset)
     study.optimize(Objective(make_folds(tiny_dataset, PROTOCOL), SPACE, PROTOCOL), n_trials=1)
-    for i, kernel in enumerate((3, 5, 7)):
-        cfg = CnnConfig(blocks=(ConvBlock(convs=(ConvLayer(4, kernel),), pool="avg"),),
-                        batch_size=32)
+    lead = CnnConfig.from_json(study.trials[0].user_attrs["config"])
+    others = [  # kernel 7 is not in SPACE: none of them is the lead's architecture
+        CnnConfig(blocks=(ConvBlock(convs=(ConvLayer(4, 7),), pool=pool),), dense=dense,
+                  batch_size=32)
+        for pool, dense in (("avg", ()), ("max", ()), ("avg", (DenseLayer(16),)))
+    ]
+    if case == "repeats":  # one other architecture, then the lead's again, twice
+        others = [others[0], lead, lead]
+    for i, cfg in enumerate(others):
         _add_complete(study, cfg, -0.5 - i / 10)
-    out = ex.export_study(study, tiny_dataset, tmp_path / "best_model", final_minutes=minutes,
+    out = ex.export_study(study, tiny_dataset, tmp_path / "best_model",
+                          final_minutes=1e-4 if case == "no room" else 60.0,
                           ensemble=2, extra=2, command_line=["test"])
     card = json.loads((out / "model_card.json").read_text())
-    if minutes > 1:  # room for all: the two asked for, then two more, each its full epochs
-        assert [m["trial"] for m in card["ensemble"]] == [0, 1, 2, 3]
+    trained = [m["trial"] for m in card["ensemble"]]
+    if case == "room":  # the two asked for, then two more, each with its planned epochs
+        assert trained == [0, 1, 2, 3]
         assert card["ensemble_extra"]["added"] == 2
-        assert len({m["final_epochs"] for m in card["ensemble"]}) == 1  # none cut
-    else:  # the two asked for are cut to what fits; no extra one starts
-        assert [m["trial"] for m in card["ensemble"]] == [0, 1]
+        assert not any("cut to" in m["final_epochs_rule"] for m in card["ensemble"])
+    elif case == "no room":  # the two asked for are cut to what fits; no extra one starts
+        assert trained == [0, 1]
         assert card["ensemble_extra"]["added"] == 0
         assert card["ensemble_extra"]["note"].startswith("no further member: trial 2's")
-    assert "average of the softmax outputs of" in card["ensemble_note"]
+    else:  # a repeat of an architecture already in is no extra member
+        assert trained == [0, 1]
+        assert card["ensemble_extra"] == {
+            "allowed": 2, "added": 0,
+            "note": "the study had no more trials of other architectures",
+        }
+    assert f"average of the softmax outputs of {len(trained)}" in card["ensemble_note"]
     _sha256sum_ok(out)
 
 

@@ -48,7 +48,8 @@ def test_auto_is_bfloat16_only_with_amx_under_tensorflow() -> None:
 
 def test_bfloat16_builds_mixed_layers_with_a_float32_output_even_after_clear_session() -> None:
     assert precision.use("bfloat16") == "bfloat16"
-    for _ in range(2):  # the second build follows a cleared session, which resets Keras' policy
+    for _ in range(2):  # the second build follows a cleared session, which resets Keras'
+        # policy to float32: the layers' own policies show that `ensure` set it again
         model = build_cnn(CFG)
         policies = [layer.dtype_policy.name for layer in model.layers]
         assert policies[0] == "mixed_bfloat16"
@@ -68,6 +69,7 @@ def test_as_float32_copies_the_weights_into_float32_layers() -> None:
     model.fit(x, np.arange(64) % 10, epochs=1, verbose=0)
     copy = precision.as_float32(model)
     assert {layer.dtype_policy.name for layer in copy.layers} == {"float32"}
+    _float32_throughout(copy)
     for a, b in zip(model.get_weights(), copy.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
     p_mixed = model.predict(x, verbose=0)
@@ -87,7 +89,7 @@ def test_search_and_export_record_bfloat16_and_ship_float32(
     from fmnist_search import study as st
 
     code = main(["--trials", "3", "--epochs", "1", "--precision", "bfloat16", "--pruner",
-                 "none", "--no-progress", "--final-epochs", "1", "--ensemble", "1",
+                 "none", "--no-progress", "--final-epochs", "1", "--ensemble", "2",
                  "--results-dir", str(tmp_path), "--data-dir", str(synthetic_dir)])
     assert code == 0, capsys.readouterr().err
     assert "bfloat16 arithmetic" in capsys.readouterr().err
@@ -97,13 +99,25 @@ def test_search_and_export_record_bfloat16_and_ship_float32(
     out = tmp_path / "fmnist" / "best_model"
     card = json.loads((out / "model_card.json").read_text())
     assert card["train_precision"] == "bfloat16"
-    loaded = keras.models.load_model(out / "model.keras")
-    assert {layer.dtype_policy.name for layer in loaded.layers} == {"float32"}
+    _float32_throughout(_load(out / "model.keras"))
     # The export's other path, a retrain on the trial's own split, ships float32 too.
     assert main(["export", "--no-final-fit", "--precision", "bfloat16", "--no-progress",
                  "--results-dir", str(tmp_path), "--data-dir", str(synthetic_dir)]) == 0
-    loaded = keras.models.load_model(out / "model.keras")
-    assert {layer.dtype_policy.name for layer in loaded.layers} == {"float32"}
+    _float32_throughout(_load(out / "model.keras"))
+
+
+def _load(path: Path) -> keras.Model:
+    """Load as a user's fresh process does: this one chose bfloat16, and Keras gives a loaded
+    Sequential (the ensemble's member wrappers) the global policy, not the saved one."""
+    with precision.float32_policy():
+        return keras.models.load_model(path)
+
+
+def _float32_throughout(model: keras.Model) -> None:
+    """No layer at any depth, nor any input, computes or rounds in bfloat16."""
+    assert "bfloat16" not in json.dumps(model.get_config())
+    x = np.zeros((2, 28, 28, 1), dtype=np.float32)
+    assert model.predict(x, verbose=0).dtype == np.float32
 
 
 def test_a_wrong_precision_is_one_line_and_exit_2(
