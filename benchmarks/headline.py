@@ -112,7 +112,8 @@ def main() -> int:
         "model": None if card is None else {
             k: card.get(k) for k in ("trial", "architecture", "searched_architecture",
                                      "params", "test_accuracy", "val_accuracy", "final_epochs",
-                                     "train_images", "train_time_s", "macro_avg")
+                                     "train_images", "train_time_s", "macro_avg",
+                                     "train_precision", "ensemble_extra")
         } | {"ensemble": [
             {k: m.get(k) for k in ("trial", "architecture", "searched_architecture", "params",
                                    "final_epochs", "train_time_s", "test_accuracy")}
@@ -122,6 +123,14 @@ def main() -> int:
     }
     common.publish(NAME, args.quick, result, env, render, no_doc=args.no_doc)
     return 0
+
+
+def _extra_words(extra: dict[str, Any] | None) -> str:
+    """What the card says of the members added while the budget held them."""
+    if not extra:
+        return ""
+    added, note = extra.get("added", 0), extra.get("note")
+    return f"; {added} of them added while the budget held them: {note}"
 
 
 def render(r: dict[str, Any]) -> str:
@@ -181,7 +190,9 @@ def render(r: dict[str, Any]) -> str:
         common.md_table(["step", "command", "wall time", "exit"], step_rows),
         common.md_table(["model", "test accuracy", "validation accuracy (this protocol)",
                          "time to the model"], rows),
-        *([f"The exported model averages {len(members)} models (`--ensemble`); each alone:",
+        *([f"The exported model averages {len(members)} models (`--ensemble`"
+           + _extra_words((model or {}).get("ensemble_extra"))
+           + f"), trained in {(model or {}).get('train_precision') or 'float32'}; each alone:",
            common.md_table(["trial", "architecture as trained", "parameters", "epochs",
                             "fit time", "test accuracy"], member_rows)] if member_rows else []),
         common.verdict(met, f"test accuracy >= {TARGET_ACC} within about "
