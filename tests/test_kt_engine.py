@@ -39,7 +39,8 @@ TINY = space_from_dict(
 )
 # Objective's user attributes for a complete holdout trial: the KerasTuner engine writes them too.
 OBJECTIVE_ATTRS = {"config", "summary", "params", "epochs_run", "wall_time", "history", "end",
-                   "fold_scores", "val_accuracy_std", "best_epoch", "interim_val_size"}
+                   "fold_scores", "val_accuracy_std", "best_epoch", "interim_val_size",
+                   "precision"}
 
 
 def _open(
