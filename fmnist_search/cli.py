@@ -364,9 +364,11 @@ def _split_command(argv: Sequence[str]) -> tuple[str, list[str]]:
 
 def add_precision_arg(g: Any) -> None:
     """`--precision` on a command that trains models (search, baselines, export)."""
+    from .precision import CHOICES
+
     g.add_argument(
         "--precision",
-        choices=("auto", "float32", "bfloat16"),
+        choices=CHOICES,
         default="auto",
         help="arithmetic of training: bfloat16 (Keras' mixed policy: float32 weights) runs "
         "several times faster on CPUs with AMX; auto picks it there, float32 elsewhere; "

@@ -638,6 +638,7 @@ def export_study(
     from searchspace.config import CnnConfig, InvalidConfigError
 
     from .objective import make_folds
+    from .precision import current as current_precision
     from .training import SHIFT_PIXELS, DivergedError, measure_epoch_seconds
 
     trial = pick_trial(study, trial_number)
@@ -682,9 +683,9 @@ def export_study(
     taken = {_trained_key(m, as_trained) for m in members[:required]}
     extras: list[FrozenTrial] = []
     for m in members[required:]:
-        if _trained_key(m, as_trained) not in taken:
+        if (key := _trained_key(m, as_trained)) not in taken:
             extras.append(m)
-            taken.add(_trained_key(m, as_trained))
+            taken.add(key)
     members = members[:required] + extras
     extra_note, extras_fitted = None, 0
     current = trial  # the trial being fitted, for the error messages
@@ -897,8 +898,6 @@ def export_study(
     if dropped:
         card["ensemble_dropped"] = dropped
     metrics = _evaluate(model, data)  # the one and only look at the test images
-    from .precision import current as current_precision
-
     ua = trial.user_attrs
     card = {
         "format_version": CARD_VERSION,
