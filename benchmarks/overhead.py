@@ -208,6 +208,8 @@ def main() -> int:
         "settings": {"train_images": len(tr), "val_images": len(va), "epochs": protocol.epochs,
                      "repeats": args.repeats, "config": cfg.summary(), "params": params,
                      "batch_size": cfg.batch_size,
+                     # How a trial counts its parameters (a second model, before 2026-12-04).
+                     "params_counted_from": "shapes",
                      "tool_validation_batch": validation_batch_size(cfg),
                      # The interim subset in effect (0: every image after every epoch).
                      "interim_val_images": interim,
@@ -262,6 +264,8 @@ def render(r: dict[str, Any]) -> str:
     fixed, b = r["fixed_cost_s"], r["breakdown_s"]
     vb = s.get("tool_validation_batch")  # absent in results from before it was recorded
     own = sum(b.values())
+    counted = ("from the layers' shapes, no model built"
+               if s.get("params_counted_from") == "shapes" else "a second model built")
     noise = max(100 * (max(v) - min(v)) / statistics.median(v) for v in runs.values())
     # Medians and fastest runs disagreeing by more than the target's 5 points: neither is
     # to be trusted to a few percent.
@@ -303,8 +307,8 @@ def render(r: dict[str, Any]) -> str:
         f"Measured apart, with the heap settled as in a worker (`study.settled_heap`), the "
         f"tool's own cost is **{own:.2f} s per trial**: a trial that trains nothing costs "
         f"{b['study']:.2f} s in the study (SQLite writes, the trial lock, heartbeats, TPE's "
-        f"bookkeeping), counting the parameters (a second model built) {b['count_params']:.2f} "
-        f"s, and clearing the Keras session and trimming the heap after the trial "
+        f"bookkeeping), counting the parameters ({counted}) {b['count_params']:.2f} s, and "
+        f"clearing the Keras session and trimming the heap after the trial "
         f"{b['clear_session']:.2f} s.",
         common.md_table(
             ["trial length (bare, validated)", "expected overhead of that own cost"],

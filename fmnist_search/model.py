@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import keras
 
-from searchspace.config import CnnConfig, validate
+from searchspace.config import CnnConfig, param_count, validate
 
 from .precision import ensure as ensure_precision
 
@@ -97,8 +97,9 @@ def build_cnn(
 
 
 def count_params(cfg: CnnConfig, num_classes: int = 10) -> int:
-    """Trainable plus non-trainable parameters of the model `cfg` describes."""
-    model = build_cnn(cfg, num_classes=num_classes, compile_model=False)
-    n = int(model.count_params())
-    del model
-    return n
+    """Trainable plus non-trainable parameters of the model `cfg` describes.
+
+    Worked out from the shapes (`searchspace.param_count`): building a model to count
+    them cost a trial about 50 ms (docs/benchmarks.md, "Overhead")."""
+    validate(cfg)
+    return param_count(cfg, num_classes)

@@ -7,6 +7,7 @@ from .config import (
     DenseLayer,
     InvalidConfigError,
     feature_map_sizes,
+    param_count,
     validate,
 )
 from .space import (
@@ -32,6 +33,7 @@ __all__ = [
     "SpaceError",
     "feature_map_sizes",
     "load_space",
+    "param_count",
     "scaled_up",
     "space_from_dict",
     "suggest_config",

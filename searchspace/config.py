@@ -148,6 +148,30 @@ def feature_map_sizes(cfg: CnnConfig, input_size: int = 28) -> list[int]:
     return sizes
 
 
+def param_count(cfg: CnnConfig, num_classes: int = 10, input_size: int = 28,
+                channels: int = 1) -> int:
+    """Trainable plus non-trainable parameters of the model `cfg` describes (no Keras needed).
+
+    The count Keras gives for `build_cnn`'s model, worked out from the shapes, so a trial
+    knows its size without building a model first. BatchNorm holds 4 numbers per channel
+    (scale, offset and the two moving statistics); a convolution that BatchNorm follows
+    has no bias.
+    """
+    n, size, width = 0, input_size, channels
+    for b in cfg.blocks:
+        for c in b.convs:
+            n += c.kernel_size**2 * width * c.filters + (4 if c.batch_norm else 1) * c.filters
+            size = _conv_out(size, c.kernel_size, c.strides, c.padding)
+            width = c.filters
+        if b.pool != "none":
+            size //= b.pool_size
+    width *= size * size  # flattened
+    for d in cfg.dense:
+        n += (width + 1) * d.units + (4 * d.units if d.batch_norm else 0)
+        width = d.units
+    return n + (width + 1) * num_classes
+
+
 def validate(cfg: CnnConfig, input_size: int = 28) -> None:
     """Raise InvalidConfigError with a one-line reason when `cfg` can't be built or trained."""
 

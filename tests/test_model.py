@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from fmnist_search.model import build_cnn, count_params
-from searchspace import CnnConfig, ConvBlock, ConvLayer, InvalidConfigError
+from searchspace import CnnConfig, ConvBlock, ConvLayer, DenseLayer, InvalidConfigError, param_count
 from searchspace.baselines import BASELINES, BY_NAME
 
 # Documented in the seed documents (or computed by hand where they are silent).
@@ -75,3 +75,30 @@ def test_batchnorm_statistics_settle_within_a_short_trial() -> None:
     infer = np.asarray(res.model(x, training=False)).argmax(1)
     train = np.asarray(res.model(x, training=True)).argmax(1)
     assert (infer == train).mean() > 0.95 and (infer == y).mean() > 0.95
+
+
+def _sampled_configs(n: int) -> list[CnnConfig]:
+    import optuna
+
+    from searchspace import SearchSpace, suggest_config
+
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3))
+    space = SearchSpace()
+    return [suggest_config(study.ask(), space) for _ in range(n)]
+
+
+def test_parameter_count_from_shapes_equals_keras_count() -> None:
+    odd = CnnConfig(
+        blocks=(
+            ConvBlock(convs=(ConvLayer(6, 5, padding="valid", strides=2),), pool="none"),
+            ConvBlock(convs=(ConvLayer(10, 3, batch_norm=True), ConvLayer(12, 3)), pool="avg",
+                      pool_size=3),
+        ),
+        dense=(DenseLayer(20, batch_norm=True, dropout=0.2), DenseLayer(7, activation="tanh")),
+    )
+    configs = [b.config for b in BASELINES] + _sampled_configs(25) + [odd]
+    for cfg in configs:
+        for classes in (10, 3):
+            built = build_cnn(cfg, num_classes=classes, compile_model=False).count_params()
+            assert param_count(cfg, classes) == built, cfg.summary()
+            assert count_params(cfg, classes) == built
