@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -128,6 +129,11 @@ class CnnConfig:
         return " ".join(parts) + f" | {opt} lr{self.learning_rate:.2g} b{self.batch_size}"
 
 
+def _whole(v: object) -> bool:
+    """A count that Keras takes: an integer (not a bool, not 32.0) of at least 1."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool) and int(v) >= 1
+
+
 def _conv_out(size: int, kernel: int, stride: int, padding: str) -> int:
     if padding == "same":
         return math.ceil(size / stride)
@@ -203,11 +209,17 @@ def validate(cfg: CnnConfig, input_size: int = 28) -> None:
                 bad(f"block {i}: unknown activation {c.activation!r}")
             if c.padding not in PADDINGS:
                 bad(f"block {i}: unknown padding {c.padding!r}")
-            if c.filters < 1 or c.kernel_size < 1 or c.strides < 1:
-                bad(f"block {i}: filters, kernel_size and strides must be >= 1")
+            if not all(_whole(v) for v in (c.filters, c.kernel_size, c.strides)):
+                bad(f"block {i}: filters, kernel_size and strides must be whole numbers >= 1")
+            if c.kernel_initializer not in INITIALIZERS:
+                bad(f"block {i}: unknown kernel_initializer {c.kernel_initializer!r}")
+        if b.pool != "none" and not _whole(b.pool_size):
+            bad(f"block {i}: pool_size must be a whole number >= 1, got {b.pool_size!r}")
     for d in cfg.dense:
-        if d.units < 1 or d.activation not in ACTIVATIONS:
-            bad(f"dense layer {d}: units must be >= 1 and activation known")
+        if not _whole(d.units) or d.activation not in ACTIVATIONS:
+            bad(f"dense layer {d}: units must be a whole number >= 1 and activation known")
+        if d.kernel_initializer not in INITIALIZERS:
+            bad(f"dense layer {d}: unknown kernel_initializer {d.kernel_initializer!r}")
     s = input_size
     for i, b in enumerate(cfg.blocks):
         for c in b.convs:

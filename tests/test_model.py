@@ -96,9 +96,31 @@ def test_parameter_count_from_shapes_equals_keras_count() -> None:
         ),
         dense=(DenseLayer(20, batch_norm=True, dropout=0.2), DenseLayer(7, activation="tanh")),
     )
-    configs = [b.config for b in BASELINES] + _sampled_configs(25) + [odd]
+    # 28 -> 14 (pool) -> 7, then "same" at stride 2 rounds up to 4, and a 3-pool of 4 gives 1.
+    rounding = CnnConfig(
+        blocks=(
+            ConvBlock(convs=(ConvLayer(4, 3, activation="leaky_relu"),)),
+            ConvBlock(convs=(ConvLayer(5, 3),)),
+            ConvBlock(convs=(ConvLayer(6, 3, strides=2),), pool_size=3),
+        ),
+        dense=(DenseLayer(9, activation="leaky_relu"),),
+    )
+    configs = [b.config for b in BASELINES] + _sampled_configs(25) + [odd, rounding]
     for cfg in configs:
         for classes in (10, 3):
             built = build_cnn(cfg, num_classes=classes, compile_model=False).count_params()
             assert param_count(cfg, classes) == built, cfg.summary()
             assert count_params(cfg, classes) == built
+
+
+@pytest.mark.parametrize("conv, block, dense", [
+    (ConvLayer(8.0, 3), {}, ()),  # type: ignore[arg-type]
+    (ConvLayer(8, 3, kernel_initializer="nonsense"), {}, ()),
+    (ConvLayer(8, 3), {"pool_size": 0}, ()),
+    (ConvLayer(8, 3), {}, (DenseLayer(True),)),  # type: ignore[arg-type]
+    (ConvLayer(8, 3), {}, (DenseLayer(16, kernel_initializer="nonsense"),)),
+])
+def test_what_keras_would_refuse_is_refused_before_counting(conv, block, dense) -> None:  # type: ignore[no-untyped-def]
+    cfg = CnnConfig(blocks=(ConvBlock(convs=(conv,), **block),), dense=dense)
+    with pytest.raises(InvalidConfigError):
+        count_params(cfg)
