@@ -163,14 +163,11 @@ def param_count(cfg: CnnConfig, num_classes: int = 10, input_size: int = 28,
     (scale, offset and the two moving statistics); a convolution that BatchNorm follows
     has no bias.
     """
-    n, size, width = 0, input_size, channels
-    for b in cfg.blocks:
-        for c in b.convs:
-            n += c.kernel_size**2 * width * c.filters + (4 if c.batch_norm else 1) * c.filters
-            size = _conv_out(size, c.kernel_size, c.strides, c.padding)
-            width = c.filters
-        if b.pool != "none":
-            size //= b.pool_size
+    n, width = 0, channels
+    for c in (c for b in cfg.blocks for c in b.convs):
+        n += c.kernel_size**2 * width * c.filters + (4 if c.batch_norm else 1) * c.filters
+        width = c.filters
+    size = (feature_map_sizes(cfg, input_size) or [input_size])[-1]
     width *= size * size  # flattened
     for d in cfg.dense:
         n += (width + 1) * d.units + (4 * d.units if d.batch_norm else 0)
