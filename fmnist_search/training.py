@@ -192,10 +192,13 @@ class CosineWithinDeadline(keras.callbacks.Callback):
 # Final-fit augmentation: flips and shifts keep a garment a garment (a shoe pointing the
 # other way is still a shoe) and are what small CNNs on Fashion-MNIST commonly train with.
 SHIFT_PIXELS = 2
-# Validation runs the model forward only, and on this CPU a forward pass over 10,000 images
-# takes 0.59 s in batches of 512 against 0.80 s in batches of 128 (the usual training
-# batch): each validation pass costs a quarter less.
-MIN_VALIDATION_BATCH = 512
+# Validation passes run in batches of at least this many images (small training batches
+# would make many tiny steps). Not more: TensorFlow's oneDNN pool keeps the largest working
+# set a process has seen, and batches of 512 made it 107 MB larger over 40 trials of the
+# memory benchmark (+278 MB against +171) while a forward pass over 10,000 images took as
+# long as in batches of 128 (0.30-0.33 s plain, 1.41-1.58 s with BatchNorm, in bfloat16;
+# 0.67 s and 2.1-2.6 s in float32; docs/benchmarks.md, memory).
+MIN_VALIDATION_BATCH = 128
 
 
 # Training images whose statistics replace BatchNorm's moving ones before a validation pass.
@@ -284,8 +287,8 @@ def precise_batchnorm(
 def validation_batch_size(cfg: CnnConfig) -> int:
     """Batch size for validation passes: the training batch, at least MIN_VALIDATION_BATCH.
 
-    Inference keeps no gradients, so larger batches cost little memory and run faster;
-    the scores are the same up to float rounding (BatchNorm uses its moving statistics).
+    The scores are the same at any batch size up to float rounding (BatchNorm uses its
+    moving statistics).
     BatchNorm's re-estimation before validation runs in batches of this size too.
     """
     return max(cfg.batch_size, MIN_VALIDATION_BATCH)

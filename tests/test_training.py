@@ -122,7 +122,8 @@ def test_validation_runs_in_large_batches_with_the_same_score() -> None:
     cfg = TINY
     batches = _TestBatches()
     res = fit_config(cfg, x, y, xv, yv, epochs=2, seed=0, callbacks=[batches], keep_model=True)
-    assert batches.count == 2 * 2  # 600 images in batches of 512, twice; not 38 per epoch
+    # MIN_VALIDATION_BATCH + 88 images in two batches per pass, twice: not one per 16 images
+    assert batches.count == 2 * 2
     assert res.model is not None
     _, acc = res.model.evaluate(xv, yv, batch_size=cfg.batch_size, verbose=0)
     assert res.history["val_accuracy"][-1] == pytest.approx(acc, abs=1e-6)
