@@ -74,7 +74,7 @@ def main() -> int:
     from fmnist_search.model import build_cnn, count_params
     from fmnist_search.objective import Objective, SearchProtocol, make_folds
     from fmnist_search.progress import SearchProgress
-    from fmnist_search.training import validation_batch_size
+    from fmnist_search.training import forward, validation_batch_size
     from searchspace import SearchSpace
 
     data = common.load_data(args.data_dir)
@@ -172,7 +172,7 @@ def main() -> int:
         parts["study"].append(bookkeeping())
         parts["count_params"].append(timed(lambda: count_params(cfg, folds.num_classes)))
         parts["clear_session"].append(timed(cleanup))
-    # One interim pass, as the tool runs it: `predict` over the subset on a model whose
+    # One interim pass, as the tool runs it (`forward`) over the subset on a model whose
     # predict step is already traced (the final pass traces it in any case).
     interim = (protocol.interim_val_size
                if 0 < protocol.interim_val_size < len(va) and protocol.epochs > 1 else 0)
@@ -182,10 +182,10 @@ def main() -> int:
 
         sub = stratified_subset(y_va, interim, seed=protocol.seed)
         probe = build_cnn(cfg, num_classes=folds.num_classes)
-        probe.predict(x_va[sub], batch_size=validation_batch_size(cfg), verbose=0)
+        forward(probe, x_va[sub], validation_batch_size(cfg))
         for _ in range(max(3, args.repeats)):
-            interim_pass.append(timed(lambda: probe.predict(
-                x_va[sub], batch_size=validation_batch_size(cfg), verbose=0)))
+            interim_pass.append(timed(lambda: forward(
+                probe, x_va[sub], validation_batch_size(cfg))))
         del probe
         cleanup()
 

@@ -99,13 +99,24 @@ class _Hooks(keras.callbacks.Callback):
             self._on_epoch(self._hold_epoch, {**self.held, **extra})
 
 
+def forward(model: keras.Model, x: np.ndarray, batch_size: int) -> np.ndarray:
+    """Class probabilities for `x`, one `predict_on_batch` per batch.
+
+    The same numbers as `model.predict`, without the set-up each `predict` call pays (a
+    tf.data pipeline, callbacks): over 2,000 images, the interim validation pass of a
+    trial, 0.05 s instead of 0.11 s for a two-block model (medians of 7, bfloat16).
+    """
+    return np.concatenate([np.asarray(model.predict_on_batch(x[i:i + batch_size]))
+                           for i in range(0, len(x), batch_size)])
+
+
 class _SubsetValidation(keras.callbacks.Callback):
-    """Scores the epochs before the last on a validation subset, by `predict`, and only
+    """Scores the epochs before the last on a validation subset, by `forward`, and only
     the epochs in `when` (1-based; None: all of them).
 
-    The epochs it skips get NaN, so every epoch keeps a place in the history. `predict`
+    The epochs it skips get NaN, so every epoch keeps a place in the history. `forward`
     rather than Keras' own validation: the pass after the last epoch (`_final_validation`)
-    is a `predict` too, and the two share one traced function (Keras' validation would
+    is a `forward` too, and the two share one traced function (Keras' validation would
     trace a second, 0.10 s per trial, measured). Must come before the callbacks that read
     the scores: Keras hands every callback the same logs.
     """
@@ -126,8 +137,7 @@ class _SubsetValidation(keras.callbacks.Callback):
             return
         if self._before is not None:
             self._before()
-        probs = self.model.predict(self._x, batch_size=self._batch, verbose=0)
-        hit, nll = _scores(np.asarray(probs), self._y)
+        hit, nll = _scores(forward(self.model, self._x, self._batch), self._y)
         logs.update(val_accuracy=float(hit.mean()), val_loss=float(nll.mean()))
 
 
@@ -525,8 +535,7 @@ def _final_validation(
     Sets `result.final_val_accuracy` (every image), appends (with `append`) the subset's
     accuracy and loss to the history, and returns those two as the last epoch's logs.
     """
-    probs = np.asarray(model.predict(x_val, batch_size=validation_batch_size(cfg), verbose=0))
-    hit, nll = _scores(probs, y_val)
+    hit, nll = _scores(forward(model, x_val, validation_batch_size(cfg)), y_val)
     result.final_val_accuracy = float(hit.mean())
     sub = {"val_accuracy": float(hit[subset].mean()), "val_loss": float(nll[subset].mean())}
     if append:

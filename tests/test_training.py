@@ -10,6 +10,7 @@ import keras
 import numpy as np
 import pytest
 
+from fmnist_search import training
 from fmnist_search.model import build_cnn
 from fmnist_search.training import (
     MIN_VALIDATION_BATCH,
@@ -130,16 +131,24 @@ def test_validation_runs_in_large_batches_with_the_same_score() -> None:
 
 
 def _count_predicts(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Records the number of images of every `Model.predict` call from now on."""
+    """Records the number of images of every validation pass (`forward`) from now on."""
     sizes: list[int] = []
-    real = keras.Model.predict
+    real = training.forward
 
-    def spy(self: keras.Model, x: Any, *args: Any, **kwargs: Any) -> Any:
+    def spy(model: keras.Model, x: np.ndarray, batch_size: int) -> np.ndarray:
         sizes.append(len(x))
-        return real(self, x, *args, **kwargs)
+        return real(model, x, batch_size)
 
-    monkeypatch.setattr(keras.Model, "predict", spy)
+    monkeypatch.setattr(training, "forward", spy)
     return sizes
+
+
+def test_forward_gives_predicts_probabilities_in_any_batch_size() -> None:
+    x, *_ = _noise(7, 70, 0)
+    model = build_cnn(TINY, num_classes=10)
+    expected = model.predict(x, verbose=0)
+    for batch in (16, 32, 128):  # 70 = 4 x 16 + 6: a short last batch too
+        np.testing.assert_allclose(training.forward(model, x, batch), expected, atol=1e-6)
 
 
 def test_interim_validation_scores_a_subset_then_every_image_once(
