@@ -211,6 +211,7 @@ def main() -> int:
                      # How a trial counts its parameters (a second model, before 2026-12-04).
                      "params_counted_from": "shapes",
                      "tool_validation_batch": validation_batch_size(cfg),
+                     "interim_pass_by": "`predict_on_batch` per batch (`training.forward`)",
                      # The interim subset in effect (0: every image after every epoch).
                      "interim_val_images": interim,
                      # The epochs it is validated after, by side (the pruner's reads).
@@ -324,8 +325,9 @@ def _expected(own: float, pass_s: float, passes: int, s: dict[str, Any],
     """The tool's extra time from its parts measured apart, against the bare trial."""
     extra = own + passes * pass_s
     return (
-        f"One interim pass ({s['interim_val_images']:,} images by `predict`, its step "
-        f"already traced, as the final pass traces it anyway) takes {pass_s:.2f} s. With the "
+        f"One interim pass ({s['interim_val_images']:,} images by "
+        f"{s.get('interim_pass_by', '`predict`')}, its step already traced, as the final "
+        f"pass traces it anyway) takes {pass_s:.2f} s. With the "
         f"default pruner's reads (at most {passes} pass(es) per trial: Hyperband's trials "
         "outside its first bracket run none) the tool's expected extra time is at most "
         f"{own:.2f} + {passes} x {pass_s:.2f} = **{extra:.2f} s per trial**: "
