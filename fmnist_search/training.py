@@ -205,9 +205,10 @@ SHIFT_PIXELS = 2
 # Validation passes run in batches of at least this many images (small training batches
 # would make many tiny steps). Not more: TensorFlow's oneDNN pool keeps the largest working
 # set a process has seen, and batches of 512 made it 107 MB larger over 40 trials of the
-# memory benchmark (+278 MB against +171) while a forward pass over 10,000 images took as
-# long as in batches of 128 (0.30-0.33 s plain, 1.41-1.58 s with BatchNorm, in bfloat16;
-# 0.67 s and 2.1-2.6 s in float32; docs/benchmarks.md, memory).
+# memory benchmark (+278 MB against +171), while a forward pass over 10,000 images was
+# barely faster than in batches of 128 for a plain model (0.30 s against 0.33-0.35 in
+# bfloat16, 0.67 s both ways in float32) and slower with BatchNorm (1.58 s against
+# 1.32-1.41; float32 2.28-2.59 s against 2.10-2.34; docs/benchmarks.md, memory).
 MIN_VALIDATION_BATCH = 128
 
 
