@@ -20,6 +20,7 @@ warm-up of each; medians are reported.
 from __future__ import annotations
 
 import io
+import math
 import statistics
 import time
 from typing import Any
@@ -284,9 +285,9 @@ def render(r: dict[str, Any]) -> str:
                        f"(measured {r['overhead_pct']:+.1f}% by medians, {by_fastest:+.1f}% by "
                        "fastest runs)", unsettled=unsettled)
         + (f" The no-pruner side, which does strictly less (no interim pass), came out "
-           f"{r['overhead_no_pruner_pct']:+.1f}% by medians in the same run: differences of "
-           "that size are this run's noise."
-           if r["overhead_no_pruner_pct"] > r["overhead_pct"] else ""),
+           f"{r.get('overhead_no_pruner_pct', 0.0):+.1f}% by medians in the same run: "
+           "differences of that size are this run's noise."
+           if r.get("overhead_no_pruner_pct", -math.inf) > r["overhead_pct"] else ""),
         (f"The tool scores {s['interim_val_images']:,} of the validation images (a stratified "
          "subset) after the epochs before the last that its pruner reads, and every image "
          "once after the last, the trial's score. "
