@@ -143,12 +143,13 @@ def _count_predicts(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return sizes
 
 
-def test_forward_gives_predicts_probabilities_in_any_batch_size() -> None:
+def test_forward_matches_predict_at_any_batch_size() -> None:
     x, *_ = _noise(7, 70, 0)
     model = build_cnn(TINY, num_classes=10)
     expected = model.predict(x, verbose=0)
     for batch in (16, 32, 128):  # 70 = 4 x 16 + 6: a short last batch too
         np.testing.assert_allclose(training.forward(model, x, batch), expected, atol=1e-6)
+    assert training.forward(model, x[:0], 16).shape == (0, 10)
 
 
 def test_interim_validation_scores_a_subset_then_every_image_once(
