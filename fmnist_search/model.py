@@ -6,6 +6,7 @@ import keras
 
 from searchspace.config import CnnConfig, param_count, validate
 
+from .batchnorm import FusedBatchNormalization
 from .precision import ensure as ensure_precision
 
 # BatchNorm's moving statistics keep this share of their old value at each step. Keras'
@@ -65,7 +66,7 @@ def build_cnn(
                 )
             )
             if c.batch_norm:
-                layers.append(keras.layers.BatchNormalization(momentum=BN_MOMENTUM))
+                layers.append(FusedBatchNormalization(momentum=BN_MOMENTUM))
             layers.append(_activation(c.activation))
         if block.pool == "max":
             layers.append(keras.layers.MaxPooling2D(block.pool_size))
@@ -80,7 +81,7 @@ def build_cnn(
         layers.append(keras.layers.Dense(d.units, kernel_initializer=d.kernel_initializer))
         layers.append(_activation(d.activation))
         if d.batch_norm:
-            layers.append(keras.layers.BatchNormalization(momentum=BN_MOMENTUM))
+            layers.append(FusedBatchNormalization(momentum=BN_MOMENTUM))
         if d.dropout:
             layers.append(keras.layers.Dropout(d.dropout))
     # float32 whatever the policy (precision.py): under mixed bfloat16 the probabilities,

@@ -110,21 +110,27 @@ def float32_policy() -> Iterator[None]:
 
 def as_float32(model: keras.Model) -> keras.Model:
     """A float32 copy of `model` with its weights (the same values: the mixed policy keeps
-    variables in float32). A float32 model is returned as it is."""
+    variables in float32), made of built-in layers only: a layer naming a `portable_class`
+    (batchnorm.FusedBatchNormalization) becomes that class, so the copy loads without the
+    tool. A float32 model of built-in layers is returned as it is."""
     import keras
 
-    if all(_float32(layer) for layer in model.layers):
+    if all(_float32(layer) and not _swapped(layer) for layer in model.layers):
         return model
 
     def clone(layer: keras.layers.Layer) -> keras.layers.Layer:
         config = layer.get_config()
         config["dtype"] = "float32"
-        return layer.__class__.from_config(config)
+        return getattr(layer, "portable_class", layer.__class__).from_config(config)
 
     with float32_policy():
         copy = keras.models.clone_model(model, clone_function=clone)
     copy.set_weights(model.get_weights())
     return copy
+
+
+def _swapped(layer: keras.layers.Layer) -> bool:
+    return getattr(layer, "portable_class", type(layer)) is not type(layer)
 
 
 def _float32(layer: keras.layers.Layer) -> bool:

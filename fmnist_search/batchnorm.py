@@ -1,0 +1,63 @@
+"""FusedBatchNormalization: Keras' BatchNormalization with its training step in one op.
+
+Keras 3 builds BatchNorm out of separate operations and, under the mixed bfloat16 policy
+(precision.py), first casts each feature map to float32: every BatchNorm step reads and
+writes several float32 maps, and the backward pass keeps them. TensorFlow's fused kernel
+(`FusedBatchNormV3`, oneDNN's on this CPU) reads the bfloat16 map itself and accumulates
+its statistics in float32. The layer keeps Keras' variables, config and inference path;
+only training on 4-D feature maps takes the fused kernel, so a trained model is exported
+with the built-in layer in its place (`precision.as_float32`). Measured: docs/benchmarks.md,
+"BatchNorm in one fused op".
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+
+
+@keras.saving.register_keras_serializable(package="fmnist_search")
+class FusedBatchNormalization(keras.layers.BatchNormalization):
+    """BatchNormalization whose training step on NHWC feature maps is TensorFlow's fused
+    kernel: the same normalisation, gradients and moving statistics to float32 round-off."""
+
+    # The built-in layer a model carries when it leaves the tool (precision.as_float32):
+    # the same variables and config, so the copy needs no custom objects to load.
+    portable_class = keras.layers.BatchNormalization
+
+    def _fusable(self, inputs: Any, training: Any) -> bool:
+        return bool(
+            training
+            and self.trainable
+            and keras.backend.backend() == "tensorflow"
+            and len(inputs.shape) == 4
+            and self.axis in (-1, 3)
+            and self.center
+            and self.scale
+            and not self.renorm
+        )
+
+    def call(self, inputs: Any, training: Any = None, mask: Any = None) -> Any:
+        if mask is not None or not self._fusable(inputs, training):
+            return super().call(inputs, training=training, mask=mask)
+        import tensorflow as tf
+
+        outputs, mean, variance = tf.compat.v1.nn.fused_batch_norm(
+            inputs,
+            tf.cast(self.gamma, "float32"),
+            tf.cast(self.beta, "float32"),
+            epsilon=self.epsilon,
+            data_format="NHWC",
+            is_training=True,
+        )
+        # The kernel returns the batch variance with Bessel's correction, n / (n - 1);
+        # Keras' moving variance averages the uncorrected one, so undo it.
+        n = tf.cast(tf.size(inputs) // tf.shape(inputs)[-1], "float32")
+        variance = variance * (n - 1.0) / tf.maximum(n, 1.0)
+        momentum = self.momentum
+        self.moving_mean.assign(self.moving_mean * momentum + mean * (1.0 - momentum))
+        self.moving_variance.assign(
+            self.moving_variance * momentum + variance * (1.0 - momentum)
+        )
+        return tf.cast(outputs, self.compute_dtype)
