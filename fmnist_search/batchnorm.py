@@ -1,13 +1,13 @@
-"""FusedBatchNormalization: Keras' BatchNormalization with its training step in one op.
+"""FusedBatchNormalization: Keras' BatchNormalization computed by TensorFlow's fused kernel.
 
 Keras 3 builds BatchNorm out of separate operations and, under the mixed bfloat16 policy
-(precision.py), first casts each feature map to float32: every BatchNorm step reads and
-writes several float32 maps, and the backward pass keeps them. TensorFlow's fused kernel
-(`FusedBatchNormV3`, oneDNN's on this CPU) reads the bfloat16 map itself and accumulates
-its statistics in float32. The layer keeps Keras' variables, config and inference path;
-only training on 4-D feature maps takes the fused kernel, so a trained model is exported
-with the built-in layer in its place (`precision.as_float32`). Measured: docs/benchmarks.md,
-"BatchNorm in one fused op".
+(precision.py), first casts each feature map to float32: every BatchNorm layer reads and
+writes several float32 maps, and training keeps them for the backward pass. TensorFlow's
+fused kernel (`FusedBatchNormV3`, oneDNN's on this CPU) reads the bfloat16 map itself and
+accumulates its statistics in float32. The layer keeps Keras' variables, config and rule
+for when to use the moving statistics, so a trained model is exported with the built-in
+layer in its place (`precision.as_float32`) and loads without the tool. Measured:
+docs/benchmarks.md, "BatchNorm in one fused op".
 """
 
 from __future__ import annotations
@@ -19,18 +19,17 @@ import keras
 
 @keras.saving.register_keras_serializable(package="fmnist_search")
 class FusedBatchNormalization(keras.layers.BatchNormalization):
-    """BatchNormalization whose training step on NHWC feature maps is TensorFlow's fused
-    kernel: the same normalisation, gradients and moving statistics to float32 round-off."""
+    """BatchNormalization that normalises NHWC feature maps with TensorFlow's fused kernel,
+    in training and inference: the same outputs, gradients and moving statistics to float32
+    round-off. Other inputs (dense features) take Keras' own code."""
 
     # The built-in layer a model carries when it leaves the tool (precision.as_float32):
     # the same variables and config, so the copy needs no custom objects to load.
     portable_class = keras.layers.BatchNormalization
 
-    def _fusable(self, inputs: Any, training: Any) -> bool:
+    def _fusable(self, inputs: Any) -> bool:
         return bool(
-            training
-            and self.trainable
-            and keras.backend.backend() == "tensorflow"
+            keras.backend.backend() == "tensorflow"
             and len(inputs.shape) == 4
             and self.axis in (-1, 3)
             and self.center
@@ -39,17 +38,21 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
         )
 
     def call(self, inputs: Any, training: Any = None, mask: Any = None) -> Any:
-        if mask is not None or not self._fusable(inputs, training):
+        if mask is not None or not self._fusable(inputs):
             return super().call(inputs, training=training, mask=mask)
         import tensorflow as tf
 
+        gamma, beta = tf.cast(self.gamma, "float32"), tf.cast(self.beta, "float32")
+        if not (training and self.trainable):  # Keras' rule: the moving statistics
+            outputs, _, _ = tf.compat.v1.nn.fused_batch_norm(
+                inputs, gamma, beta,
+                mean=tf.cast(self.moving_mean, "float32"),
+                variance=tf.cast(self.moving_variance, "float32"),
+                epsilon=self.epsilon, data_format="NHWC", is_training=False,
+            )
+            return tf.cast(outputs, self.compute_dtype)
         outputs, mean, variance = tf.compat.v1.nn.fused_batch_norm(
-            inputs,
-            tf.cast(self.gamma, "float32"),
-            tf.cast(self.beta, "float32"),
-            epsilon=self.epsilon,
-            data_format="NHWC",
-            is_training=True,
+            inputs, gamma, beta, epsilon=self.epsilon, data_format="NHWC", is_training=True
         )
         # The kernel returns the batch variance with Bessel's correction, n / (n - 1);
         # Keras' moving variance averages the uncorrected one, so undo it.
