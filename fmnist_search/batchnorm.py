@@ -2,12 +2,12 @@
 
 Keras 3 builds BatchNorm out of separate operations and, under the mixed bfloat16 policy
 (precision.py), first casts each feature map to float32: every BatchNorm layer reads and
-writes several float32 maps, and training keeps them for the backward pass. TensorFlow's
+writes several float32 maps, which training may keep for the backward pass. TensorFlow's
 fused kernel (`FusedBatchNormV3`, oneDNN's on this CPU) reads the bfloat16 map itself and
-accumulates its statistics in float32. The layer keeps Keras' variables, config and rule
-for when to use the moving statistics, so a trained model is exported with the built-in
-layer in its place (`precision.as_float32`) and loads without the tool. Measured:
-docs/benchmarks.md, "BatchNorm in one fused op".
+accumulates its statistics in float32; only bfloat16 maps take it. The layer keeps Keras'
+variables, config and rule for when to use the moving statistics, so a trained model is
+exported with the built-in layer in its place (`precision.as_float32`) and loads without
+the tool. Measured: docs/benchmarks.md, "BatchNorm in one fused op".
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ import keras
 
 @keras.saving.register_keras_serializable(package="fmnist_search")
 class FusedBatchNormalization(keras.layers.BatchNormalization):
-    """BatchNormalization that normalises NHWC feature maps with TensorFlow's fused kernel,
-    in training and inference: the same outputs, gradients and moving statistics to float32
-    round-off. Other inputs (dense features) take Keras' own code."""
+    """BatchNormalization that normalises bfloat16 NHWC feature maps with TensorFlow's fused
+    kernel, in training and inference: the same outputs and gradients to bfloat16 round-off,
+    the same moving statistics to float32 round-off. Other inputs (float32, or dense
+    features) take Keras' own code."""
 
     # The built-in layer a model carries when it leaves the tool (precision.as_float32):
     # the same variables and config, so the copy needs no custom objects to load.
@@ -30,6 +31,11 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
     def _fusable(self, inputs: Any) -> bool:
         return bool(
             keras.backend.backend() == "tensorflow"
+            # Under float32 Keras' code stays: there TensorFlow's graph optimiser merged
+            # the fused op with a tanh after it into a kernel that lacks that merge (a
+            # trial failed: "Fusion is not implemented: [FusedBatchNorm,Tanh]"), and no
+            # gain in float32 was measured (docs/benchmarks.md).
+            and self.compute_dtype == "bfloat16"
             and len(inputs.shape) == 4
             and self.axis in (-1, 3)
             and self.center
