@@ -115,7 +115,7 @@ def as_float32(model: keras.Model) -> keras.Model:
     tool. A float32 model of built-in layers is returned as it is."""
     import keras
 
-    if all(_float32(layer) and not _swapped(layer) for layer in model.layers):
+    if all(_float32(layer) and not _needs_swap(layer) for layer in model.layers):
         return model
 
     def clone(layer: keras.layers.Layer) -> keras.layers.Layer:
@@ -129,7 +129,7 @@ def as_float32(model: keras.Model) -> keras.Model:
     return copy
 
 
-def _swapped(layer: keras.layers.Layer) -> bool:
+def _needs_swap(layer: keras.layers.Layer) -> bool:
     return getattr(layer, "portable_class", type(layer)) is not type(layer)
 
 
