@@ -20,8 +20,8 @@ import keras
 @keras.saving.register_keras_serializable(package="fmnist_search")
 class FusedBatchNormalization(keras.layers.BatchNormalization):
     """BatchNormalization that normalises bfloat16 NHWC feature maps with TensorFlow's fused
-    kernel, in training and inference: the same outputs and gradients to bfloat16 round-off,
-    the same moving statistics to float32 round-off. Other inputs (float32, or dense
+    kernel, in training and inference: the same outputs and gradients as Keras' to bfloat16
+    precision, the same moving statistics to float32 round-off. Other inputs (float32, or dense
     features) take Keras' own code."""
 
     # The built-in layer a model carries when it leaves the tool (precision.as_float32):
@@ -33,8 +33,9 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
             keras.backend.backend() == "tensorflow"
             # Under float32 Keras' code stays: there TensorFlow's graph optimiser merged
             # the fused op with a tanh after it into a kernel that lacks that merge (a
-            # trial failed: "Fusion is not implemented: [FusedBatchNorm,Tanh]"), and no
-            # gain in float32 was measured (docs/benchmarks.md).
+            # trial failed: "Fusion is not implemented: [FusedBatchNorm,Tanh]"); float32
+            # was measured once, with a prototype, and its pool peaked higher
+            # (docs/benchmarks.md).
             and self.compute_dtype == "bfloat16"
             and len(inputs.shape) == 4
             and self.axis in (-1, 3)
