@@ -129,6 +129,19 @@ def _schema_written(path: str) -> bool:
         return False
 
 
+def _wait_for_objectives(db: str, name: str, proc: object, n: int, limit: float = 300) -> None:
+    """Wait until `n` RUNNING trials have begun their objective (recorded their config)."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()  # type: ignore[attr-defined]
+        trials = optuna.load_study(study_name=name, storage=db).get_trials(deepcopy=False)
+        if sum(t.state == TrialState.RUNNING and "config" in t.user_attrs
+               for t in trials) >= n:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{n} trials were not caught in their objectives")
+
+
 def _wait_for_running(
     db: str, name: str, proc: object, min_finished: int = 1, limit: float = 300
 ) -> int:
@@ -310,6 +323,10 @@ def test_stopping_the_parent_stops_its_workers(
     db = f"sqlite:///{tmp_path / 't' / 'study.db'}"
     proc = popen_cli(*args)
     _wait_for_running(db, "t", proc, min_finished=0)
+    # Both workers inside a trial's objective: a trial caught in the milliseconds between
+    # its creation and its objective's start stays RUNNING until the next start fails it
+    # by its age (test_study's never_beat tests), which is not what this test is about.
+    _wait_for_objectives(db, "t", proc, 2)
     workers = psutil.Process(proc.pid).children()
     assert len(workers) == 2
     proc.send_signal(sig)
