@@ -113,7 +113,15 @@ def environment() -> dict[str, Any]:
         "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
         "versions": versions,
         "precision": _precision(),
+        "allocator": _allocator(),
     }
+
+
+def _allocator() -> str:
+    """Where TensorFlow's tensors live in this process (fmnist_search/allocator.py)."""
+    from fmnist_search.allocator import describe
+
+    return describe()
 
 
 def _precision() -> str:
@@ -196,7 +204,9 @@ def provenance(result: dict[str, Any]) -> str:
         f"TensorFlow {env['versions'].get('tensorflow')}, Keras {env['versions'].get('keras')}, "
         f"Optuna {env['versions'].get('optuna')}, KerasTuner {env['versions'].get('keras-tuner')}"
         # Runs from before the precision was recorded trained in float32.
-        f"; {env.get('precision', 'float32')} arithmetic.*"
+        f"; {env.get('precision', 'float32')} arithmetic"
+        # Runs from before the allocator was recorded kept TensorFlow's pool; said by hand.
+        + (f"; tensors in {env['allocator']}" if env.get("allocator") else "") + ".*"
     )
 
 

@@ -9,6 +9,10 @@ from typing import Any
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
+from . import allocator as _allocator  # noqa: E402  (before TensorFlow starts: see the module)
+
+_allocator.configure()
+
 __version__ = "0.1.0"
 
 _LAZY = {
