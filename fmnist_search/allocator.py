@@ -1,17 +1,18 @@
 """Where TensorFlow's tensors live: glibc's heap, in one arena, instead of TensorFlow's pool.
 
 TensorFlow's oneDNN build serves large tensors from its own BFC pool, which grows to the
-largest working set a process has seen and does not shrink, so a process that trains many
-different models keeps the biggest one's footprint. `TF_ONEDNN_USE_SYSTEM_ALLOCATOR=1`
-sends them to `malloc` instead, and with glibc kept to one arena (`MALLOC_ARENA_MAX=1`) the
-`malloc_trim` after each trial gives most of what a trial freed back: over the memory
-benchmark's trials RSS grew about half as much, and whole trials took as long as with the
-pool (docs/benchmarks.md, "Memory").
+largest working set a process has seen and, in our runs, did not shrink, so a process that
+trains many different models kept the biggest one's footprint.
+`TF_ONEDNN_USE_SYSTEM_ALLOCATOR=1` sends them to `malloc` instead. With glibc kept to one
+arena (as `MALLOC_ARENA_MAX=1` would) little of what a trial freed stayed resident after the
+`malloc_trim` that follows it: over the memory benchmark's 100 trials RSS grew about half as
+much, and whole trials showed no difference in time (docs/benchmarks.md, "Memory: what was
+tried"). With glibc's usual arenas the system allocator alone grew about as much as the pool.
 
 Both settings must be in place before TensorFlow creates its devices and threads, so
-`configure` runs when the package is imported. A user who sets
-`TF_ONEDNN_USE_SYSTEM_ALLOCATOR` (0 keeps TensorFlow's pool) or `MALLOC_ARENA_MAX` keeps what
-they set.
+`configure` runs when the package is imported (code of one's own must import `fmnist_search`
+before `tensorflow`). A user who sets `TF_ONEDNN_USE_SYSTEM_ALLOCATOR` (0 keeps TensorFlow's
+pool) or `MALLOC_ARENA_MAX` keeps what they set.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ SYSTEM_ALLOCATOR_ENV = "TF_ONEDNN_USE_SYSTEM_ALLOCATOR"
 ARENA_ENV = "MALLOC_ARENA_MAX"  # glibc reads it at start-up; mallopt sets it afterwards
 _M_ARENA_MAX = -8  # glibc's mallopt parameter number (malloc.h)
 
+_one_arena = False  # whether `configure` limited this process's glibc to one arena
+
 
 def uses_system_allocator(env: MutableMapping[str, str]) -> bool:
     """Whether TensorFlow will hand its tensors to `malloc` under `env`."""
@@ -32,11 +35,13 @@ def uses_system_allocator(env: MutableMapping[str, str]) -> bool:
 
 def configure(env: MutableMapping[str, str] = os.environ) -> bool:
     """Send TensorFlow's tensors to `malloc` and keep glibc to one arena, unless the user
-    chose otherwise; whether glibc was set to one arena here."""
+    chose otherwise; whether glibc was set to one arena here (False where it is not glibc)."""
+    global _one_arena
     env.setdefault(SYSTEM_ALLOCATOR_ENV, "1")
     if not uses_system_allocator(env) or ARENA_ENV in env:
         return False
-    return set_arena_max(1)
+    _one_arena = set_arena_max(1)
+    return _one_arena
 
 
 def set_arena_max(n: int) -> bool:
@@ -47,9 +52,12 @@ def set_arena_max(n: int) -> bool:
         return False
 
 
-def describe(env: MutableMapping[str, str] = os.environ) -> str:
-    """Where this process's TensorFlow tensors live, in words (for benchmark records)."""
+def describe(env: MutableMapping[str, str] = os.environ, one_arena: bool | None = None) -> str:
+    """Where this process's TensorFlow tensors live, in words (for benchmark records);
+    `one_arena` defaults to what `configure` did in this process."""
     if not uses_system_allocator(env):
         return "TensorFlow's pool"
-    arenas = env.get(ARENA_ENV, "1").strip()
-    return "malloc, one glibc arena" if arenas == "1" else f"malloc, MALLOC_ARENA_MAX={arenas}"
+    if ARENA_ENV in env:
+        return f"malloc, {ARENA_ENV}={env[ARENA_ENV].strip()}"
+    one = _one_arena if one_arena is None else one_arena
+    return "malloc, one glibc arena" if one else "malloc"

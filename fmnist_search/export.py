@@ -1367,18 +1367,32 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_INTERRUPTED
     card = json.loads((out_dir / CARD_FILE).read_text(encoding="utf-8"))
     console.print(f"[dim]done in {time.perf_counter() - start:.0f}s[/dim]", highlight=False)
-    print(f"exported trial {card['trial']} ({card['architecture']}) to {out_dir}")
-    print(f"test accuracy {card['test_accuracy']:.4f} on {card['test_images']} test images "
-          f"(search's val accuracy {card['val_accuracy']:.4f}); final fit: "
-          + ("yes" if card["final_fit"] else "no") + f", {card['final_epochs']} epoch(s)")
-    if (card.get("scale_up") or {}).get("applied"):
-        print(f"scaled up from the searched {card['searched_architecture']} (--no-scale-up: "
-              "train it as searched)")
-    for m in card.get("ensemble") or []:
-        print(f"  member trial {m['trial']} ({m['architecture']}): test accuracy "
-              f"{m['test_accuracy']:.4f}, {m['final_epochs']} epoch(s)")
-    print(f"model card: {out_dir / CARD_FILE}")
+    for line in summary_lines(card, out_dir):
+        print(line)
     return 0
+
+
+def summary_lines(card: dict[str, Any], out_dir: Path) -> list[str]:
+    """What `export` prints once the model is written: from its card alone."""
+    lines = [
+        f"exported trial {card['trial']} ({card['architecture']}) to {out_dir}",
+        f"test accuracy {card['test_accuracy']:.4f} on {card['test_images']} test images "
+        f"(search's val accuracy {card['val_accuracy']:.4f}); final fit: "
+        + ("yes" if card["final_fit"] else "no") + f", {card['final_epochs']} epoch(s)",
+    ]
+    # The lead's searched architecture is recorded only when it was trained otherwise; in an
+    # ensemble, scale-up may have changed other members and not the lead.
+    if card.get("searched_architecture"):
+        scaled = (card.get("scale_up") or {}).get("applied")
+        lines.append(f"searched as {card['searched_architecture']}"
+                     + (" (--no-scale-up: train it as searched)" if scaled else ""))
+    for m in card.get("ensemble") or []:
+        searched = (f", scaled up from {m['searched_architecture']}"
+                    if m.get("searched_architecture") else "")
+        lines.append(f"  member trial {m['trial']} ({m['architecture']}{searched}): test "
+                     f"accuracy {m['test_accuracy']:.4f}, {m['final_epochs']} epoch(s)")
+    lines.append(f"model card: {out_dir / CARD_FILE}")
+    return lines
 
 
 def _run_pareto(args: argparse.Namespace, study: optuna.Study, data: Dataset, console: Any) -> int:

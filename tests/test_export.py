@@ -718,3 +718,36 @@ def test_final_fit_scales_up_unless_told_or_limited(tiny_dataset: Dataset, tmp_p
     assert "limits" in str(ex.scale_up_applies({**base, "max_params": 10_000}))
     assert "limits" in str(ex.scale_up_applies({**base, "max_latency_ms": 1.0}))
     assert "no search space" in str(ex.scale_up_applies({"epochs": 3}))
+
+
+def _card(**extra: Any) -> dict[str, Any]:
+    return {"trial": 28,
+            "architecture": "[C32k3-C32k3 max] F | adam lr0.005 b64 + 1 more (ensemble)",
+            "test_accuracy": 0.9423, "test_images": 10000, "val_accuracy": 0.8827,
+            "final_fit": True, "final_epochs": 18, **extra}
+
+
+def test_summary_of_an_ensemble_whose_lead_was_not_scaled_but_a_member_was(tmp_path: Path) -> None:
+    # A real run's card: scale-up applied to trial 46 only, the lead trained as searched.
+    card = _card(scale_up={"applied": True, "note": "..."}, ensemble=[
+        {"trial": 28, "architecture": "[C32k3-C32k3 max] F | adam lr0.005 b64",
+         "test_accuracy": 0.922, "final_epochs": 18},
+        {"trial": 46, "architecture": "[C32k3-C32k3 max] F H64 | adam lr0.0043 b64",
+         "searched_architecture": "[C16k3-C16k3 max] F H64 | adam lr0.0043 b64",
+         "test_accuracy": 0.9326, "final_epochs": 18},
+    ])
+    lines = ex.summary_lines(card, tmp_path)
+    assert lines[0] == f"exported trial 28 ({card['architecture']}) to {tmp_path}"
+    assert not any(line.startswith("searched as") for line in lines)
+    assert lines[2] == ("  member trial 28 ([C32k3-C32k3 max] F | adam lr0.005 b64): test "
+                        "accuracy 0.9220, 18 epoch(s)")
+    assert "scaled up from [C16k3-C16k3 max] F H64 | adam lr0.0043 b64)" in lines[3]
+    assert lines[-1] == f"model card: {tmp_path / ex.CARD_FILE}"
+
+
+def test_summary_names_the_leads_searched_architecture_when_it_was_scaled(tmp_path: Path) -> None:
+    card = _card(scale_up={"applied": True}, searched_architecture="[C16k3 max] F | adam")
+    assert "searched as [C16k3 max] F | adam (--no-scale-up: train it as searched)" in (
+        ex.summary_lines(card, tmp_path))
+    retrained = _card(scale_up={"applied": False}, searched_architecture="[C16k3 max] F | adam")
+    assert "searched as [C16k3 max] F | adam" in ex.summary_lines(retrained, tmp_path)
