@@ -10,10 +10,13 @@ images) after the epochs before the last that its pruner reads, and every image 
 the last. The tool runs twice: with the default pruner's reads (Hyperband over 3 epochs reads
 epoch 1 in the trials of its first bracket, 3 in 5, and none in the others; here a Hyperband
 that never prunes, so that identical trials all run their epochs)
-and with no pruner (`--pruner none`, no interim pass). Runs alternate, after one untimed
-warm-up of each; medians are reported.
+and with no pruner (`--pruner none`, no interim pass). A fifth side runs the tool's training
+path alone (`training.fit_config` with the objective's arguments, and its cleanup), without
+the study: the tool's time minus this one is the search's bookkeeping. Runs alternate, after
+one untimed warm-up of each; medians are reported, of wall time and of the process's CPU
+time (user + system, all threads), which the machine's wandering speed moves less.
 
-    python benchmarks/overhead.py            # full: 10,000 training images, 3 epochs, 5 repeats
+    python benchmarks/overhead.py            # full: 10,000 training images, 3 epochs, 21 repeats
     python benchmarks/overhead.py --quick    # harness check: 2,000 images, 1 epoch, 2 repeats
 """
 
@@ -35,9 +38,10 @@ def parse_args() -> Any:
     p.add_argument("--train-subset", type=int, default=None, help="training images (full 10000)")
     p.add_argument("--val-size", type=int, default=None, help="validation images (full 10000)")
     p.add_argument("--epochs", type=int, default=None, help="epochs per run (full 3)")
-    p.add_argument("--repeats", type=int, default=None, help="timed runs of each side (full 5)")
+    p.add_argument("--repeats", type=int, default=None, help="timed runs of each side (full 21)")
     args = p.parse_args()
-    full = {"train_subset": 10_000, "val_size": 10_000, "epochs": 3, "repeats": 5}
+    # 21: runs of one side spread by up to 47% here; medians of fewer wandered by 5 points.
+    full = {"train_subset": 10_000, "val_size": 10_000, "epochs": 3, "repeats": 21}
     quick = {"train_subset": 2_000, "val_size": 1_000, "epochs": 1, "repeats": 2}
     for k, v in (quick if args.quick else full).items():
         if getattr(args, k) is None:
@@ -75,7 +79,7 @@ def main() -> int:
     from fmnist_search.model import build_cnn, count_params
     from fmnist_search.objective import Objective, SearchProtocol, make_folds
     from fmnist_search.progress import SearchProgress
-    from fmnist_search.training import forward, validation_batch_size
+    from fmnist_search.training import fit_config, forward, validation_batch_size
     from searchspace import SearchSpace
 
     data = common.load_data(args.data_dir)
@@ -111,22 +115,53 @@ def main() -> int:
     sink.progress.disable = True  # as --no-progress: the hooks run, nothing is drawn
     objective = Objective(folds, space, protocol, progress=sink, config_fn=lambda t: cfg)
     n_trials = dict.fromkeys(studies, 0)
+    # The cleanup after each real trial (the tool's and its training path's), timed where it
+    # runs: inside `released_session`, which calls `session.clear` through the module.
+    cleanups: list[float] = []
+    clear = session.clear
 
-    def tool(k: str) -> float:
+    def timed_clear() -> None:
+        start = time.perf_counter()
+        clear()
+        cleanups.append(time.perf_counter() - start)
+
+    session.clear = timed_clear  # type: ignore[assignment]
+
+    Clock = tuple[float, float]  # (wall, process CPU) at a moment
+
+    def now() -> Clock:
+        return time.perf_counter(), time.process_time()
+
+    def since(start: Clock) -> Clock:
+        end = now()
+        return end[0] - start[0], end[1] - start[1]
+
+    def tool(k: str) -> Clock:
         n_trials[k] += 1
-        start = time.perf_counter()
+        start = now()
         st.run_trials(studies[k], objective, n_trials[k], callbacks=[sink])
-        return time.perf_counter() - start
+        return since(start)
 
-    def bare(per_epoch_validation: bool) -> float:
-        start = time.perf_counter()
+    def training_path() -> Clock:
+        """The objective's `fit_config` call and cleanup, without study or hooks."""
+        interim_idx = objective._interim(y_va, 0)
+        start = now()
+        with session.released_session():
+            fit_config(cfg, folds.x[tr], folds.y[tr], folds.x[va], folds.y[va],
+                       epochs=protocol.epochs, seed=n_trials["tool"],
+                       num_classes=folds.num_classes, interim_val=interim_idx,
+                       interim_epochs=st.pruner_read_steps(pruners["tool"], protocol.steps))
+        return since(start)
+
+    def bare(per_epoch_validation: bool) -> Clock:
+        start = now()
         keras.utils.set_random_seed(n_trials["tool"])
         model = build_cnn(cfg, num_classes=folds.num_classes)
         model.fit(x_tr, y_tr, batch_size=cfg.batch_size, epochs=protocol.epochs, verbose=0,
                   shuffle=True, validation_data=(x_va, y_va) if per_epoch_validation else None)
         if not per_epoch_validation:
             model.evaluate(x_va, y_va, batch_size=cfg.batch_size, verbose=0)
-        elapsed = time.perf_counter() - start
+        elapsed = since(start)
         del model
         keras.backend.clear_session(free_memory=True)  # outside the timing: bare code skips it
         return elapsed
@@ -168,11 +203,10 @@ def main() -> int:
     # a name: a context manager dropped after __enter__ is closed, which unfreezes.
     settled = st.settled_heap()
     settled.__enter__()
-    parts: dict[str, list[float]] = {"study": [], "count_params": [], "clear_session": []}
+    parts: dict[str, list[float]] = {"study": [], "count_params": []}
     for _ in range(max(3, args.repeats)):
         parts["study"].append(bookkeeping())
         parts["count_params"].append(timed(lambda: count_params(cfg, folds.num_classes)))
-        parts["clear_session"].append(timed(cleanup))
     # One interim pass, as the tool runs it (`forward`) over the subset on a model whose
     # predict step is already traced (the final pass traces it in any case).
     interim = (protocol.interim_val_size
@@ -191,19 +225,27 @@ def main() -> int:
         cleanup()
 
     sides = {"tool": lambda: tool("tool"), "tool_nop": lambda: tool("tool_nop"),
+             "training_path": training_path,
              "bare": lambda: bare(False), "bare_val": lambda: bare(True)}
     runs: dict[str, list[float]] = {k: [] for k in sides}
+    cpu: dict[str, list[float]] = {k: [] for k in sides}
     for f in sides.values():  # warm-up: first graph tracing, caches
         f()
+    cleanups.clear()
     for r in range(args.repeats):
         k0 = r % len(sides)
         order = list(sides)[k0:] + list(sides)[:k0]  # rotate who goes first
         for k in order:
-            runs[k].append(sides[k]())
-            print(f"repeat {r + 1}/{args.repeats} {k}: {runs[k][-1]:.2f} s", flush=True)
+            wall, used = sides[k]()
+            runs[k].append(wall)
+            cpu[k].append(used)
+            print(f"repeat {r + 1}/{args.repeats} {k}: {wall:.2f} s, CPU {used:.2f} s", flush=True)
 
     settled.__exit__(None, None, None)
+    session.clear = clear  # type: ignore[assignment]
+    parts["clear_session"] = cleanups  # after the tool's real trials
     med = {k: statistics.median(v) for k, v in runs.items()}
+    med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
     params = int(studies["tool"].get_trials()[-1].user_attrs.get("params", 0))
     result: dict[str, Any] = {
         "settings": {"train_images": len(tr), "val_images": len(va), "epochs": protocol.epochs,
@@ -213,6 +255,9 @@ def main() -> int:
                      "params_counted_from": "shapes",
                      "tool_validation_batch": validation_batch_size(cfg),
                      "interim_pass_by": "`predict_on_batch` per batch (`training.forward`)",
+                     # Timed inside the tool's trials since 2026-12-05 (before: on an
+                     # empty session, which cost nothing).
+                     "clear_session_timed": "after real trials",
                      # The interim subset in effect (0: every image after every epoch).
                      "interim_val_images": interim,
                      # The epochs it is validated after, by side (the pruner's reads).
@@ -221,6 +266,13 @@ def main() -> int:
                          for k, pr in pruners.items()} if interim else None},
         "runs_s": runs,
         "median_s": med,
+        # Process CPU time (user + system, every thread) of the same runs.
+        "cpu_runs_s": cpu,
+        "median_cpu_s": med_cpu,
+        "cpu_overhead_pct": 100 * (med_cpu["tool"] - med_cpu["bare"]) / med_cpu["bare"],
+        # The tool against its own training path alone: the search's bookkeeping.
+        "bookkeeping_s": med["tool"] - med["training_path"],
+        "bookkeeping_cpu_s": med_cpu["tool"] - med_cpu["training_path"],
         "overhead_pct": 100 * (med["tool"] - med["bare"]) / med["bare"],
         "overhead_no_pruner_pct": 100 * (med["tool_nop"] - med["bare"]) / med["bare"],
         # Best of N (as `timeit` reports): noise only ever adds time, so on a machine whose
@@ -253,6 +305,7 @@ def render(r: dict[str, Any]) -> str:
         + (", the default pruner's reads" if "tool_nop" in runs else "")
         + (f" (interim pass after epoch {', '.join(map(str, reads))})" if reads else ""),
         "tool_nop": "tool, no pruner (`--pruner none`: no interim pass)",
+        "training_path": "the tool's training path alone: `fit_config` + cleanup, no study",
         "bare": "bare: `build_cnn` + `fit` + `evaluate`",
         "bare_val": "bare, validated every epoch: `fit(validation_data=...)`",
     }
@@ -260,8 +313,11 @@ def render(r: dict[str, Any]) -> str:
     def vs_bare(k: str, of: dict[str, float]) -> str:
         return "—" if k == "bare" else common.pct(100 * (of[k] - of["bare"]) / of["bare"])
 
+    med_cpu = r.get("median_cpu_s")  # absent in results from before it was recorded
     rows = [[names[k], f"{med[k]:.2f}", f"{fastest[k]:.2f}", spread(k), vs_bare(k, med),
-             vs_bare(k, fastest)] for k in names if k in runs]
+             vs_bare(k, fastest)]
+            + ([f"{med_cpu[k]:.2f}", vs_bare(k, med_cpu)] if med_cpu else [])
+            for k in names if k in runs]
     met = r["overhead_pct"] <= 5.0
     fixed, b = r["fixed_cost_s"], r["breakdown_s"]
     vb = s.get("tool_validation_batch")  # absent in results from before it was recorded
@@ -280,7 +336,8 @@ def render(r: dict[str, Any]) -> str:
         f"{s['train_images']:,} training and {s['val_images']:,} validation Fashion-MNIST images; "
         f"{s['repeats']} timed runs of each side after one warm-up, in rotating order.",
         common.md_table(["run", "median (s)", "fastest (s)", "range (s)",
-                         "vs bare (medians)", "vs bare (fastest runs)"], rows),
+                         "vs bare (medians)", "vs bare (fastest runs)"]
+                        + (["CPU median (s)", "CPU vs bare"] if med_cpu else []), rows),
         common.verdict(met, f"tool overhead <= 5% over bare fit + evaluate "
                        f"(measured {r['overhead_pct']:+.1f}% by medians, {by_fastest:+.1f}% by "
                        "fastest runs)", unsettled=unsettled)
@@ -288,6 +345,7 @@ def render(r: dict[str, Any]) -> str:
            f"{r.get('overhead_no_pruner_pct', 0.0):+.1f}% by medians in the same run: "
            "differences of that size are this run's noise."
            if r.get("overhead_no_pruner_pct", -math.inf) > r["overhead_pct"] else ""),
+        *([_bookkeeping(r)] if "bookkeeping_s" in r else []),
         (f"The tool scores {s['interim_val_images']:,} of the validation images (a stratified "
          "subset) after the epochs before the last that its pruner reads, and every image "
          "once after the last, the trial's score. "
@@ -315,7 +373,9 @@ def render(r: dict[str, Any]) -> str:
         f"{b['study']:.2f} s in the study (SQLite writes, the trial lock, heartbeats, TPE's "
         f"bookkeeping), counting the parameters ({counted}) {b['count_params']:.2f} s, and "
         f"clearing the Keras session and trimming the heap after the trial "
-        f"{b['clear_session']:.2f} s.",
+        f"{b['clear_session']:.2f} s"
+        + (" (timed after real trials)." if s.get("clear_session_timed") else
+           " (timed on an empty session, which understates it)."),
         common.md_table(
             ["trial length (bare, validated)", "expected overhead of that own cost"],
             [[common.secs(t), f"{100 * own / t:.1f}%"] for t in (5, 15, 30, 60, 120)],
@@ -323,6 +383,23 @@ def render(r: dict[str, Any]) -> str:
         *([_expected(own, r["interim_pass_s"], len(reads or []), s, med, fastest)]
           if r.get("interim_pass_s") else []),
     ])
+
+
+def _bookkeeping(r: dict[str, Any]) -> str:
+    """The tool against its own training path alone, and the CPU-time view."""
+    med, cpu = r["median_s"], r["median_cpu_s"]
+    path = 100 * (med["training_path"] - med["bare"]) / med["bare"]
+    path_cpu = 100 * (cpu["training_path"] - cpu["bare"]) / cpu["bare"]
+    return (
+        f"By process CPU time (user + system, all threads), the tool costs "
+        f"{common.pct(r['cpu_overhead_pct'])} over the bare trial. Its training path alone "
+        f"(`fit_config` with the objective's arguments, validated after the first bracket's "
+        f"epochs, and the cleanup after it, without the study) came out {common.pct(path)} "
+        f"against the bare trial by wall clock and {common.pct(path_cpu)} by CPU time. The "
+        f"search's bookkeeping (the tool minus its training path) came to "
+        f"{r['bookkeeping_s']:+.2f} s of wall time and {r['bookkeeping_cpu_s']:+.2f} s of CPU "
+        "time per trial."
+    )
 
 
 def _expected(own: float, pass_s: float, passes: int, s: dict[str, Any],

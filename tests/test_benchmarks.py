@@ -216,6 +216,22 @@ def test_overhead_memory_workers_and_headline_render(docs: Path) -> None:
     assert "**not settled**" in noisy and "**met**" not in noisy and "+20.0%" in noisy
     assert "interim pass after epoch 1" in noisy and "`--pruner none`" in noisy
     assert "0.10 + 1 x 0.10 = **0.20 s per trial**: 6.9% of the bare trial's median" in noisy
+    # Since 2026-12-05: CPU time beside wall time, and the training path alone as a side.
+    cpu = overhead.render(_result(
+        settings={"train_images": 2000, "val_images": 1000, "epochs": 3, "repeats": 3,
+                  "config": "[C32k3 max] F | adam", "params": 1000,
+                  "clear_session_timed": "after real trials"},
+        runs_s={"tool": [2.1, 2.2, 2.3], "training_path": [1.9, 2.0, 2.1],
+                "bare": [2.0, 2.0, 2.1], "bare_val": [2.1, 2.2, 2.2]},
+        median_s={"tool": 2.2, "training_path": 2.0, "bare": 2.0, "bare_val": 2.2},
+        median_cpu_s={"tool": 3.3, "training_path": 3.0, "bare": 3.0, "bare_val": 3.2},
+        cpu_overhead_pct=10.0, bookkeeping_s=0.2, bookkeeping_cpu_s=0.3, overhead_pct=10.0,
+        overhead_vs_bare_val_pct=0.0, per_epoch_validation_pct=10.0, fixed_cost_s=0.0,
+        breakdown_s={"study": 0.05, "count_params": 0.0, "clear_session": 0.04}))
+    assert "| CPU median (s) | CPU vs bare |" in cpu and "| 3.30 | +10.0% |" in cpu
+    assert "training path alone: `fit_config` + cleanup, no study | 2.00" in cpu
+    assert "came to +0.20 s of wall time and +0.30 s of CPU time per trial" in cpu
+    assert "0.04 s (timed after real trials)" in cpu
 
     m = _result(settings={"trials": 3, "train_images": 500, "val_images": 500, "epochs": 1},
                 states={"COMPLETE": 3, "PRUNED": 0, "FAIL": 0}, rss_mb_before_first_trial=900,
