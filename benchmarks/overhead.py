@@ -167,7 +167,7 @@ def main() -> int:
         # Outside the timing: bare code skips it. Its traced graphs go too: left in
         # TensorFlow's gradient registry (session.py), each bare fit's 12,000 objects would be
         # walked by every later garbage collection, the tool's trials' included (+3 ms per
-        # collection per bare fit; 0.17 s per cleanup by the end of a 21-repeat run).
+        # collection per bare fit; a median of 0.17 s per cleanup over a 21-repeat run).
         session.drop_traced_gradients(keep)
         keras.backend.clear_session(free_memory=True)
         return elapsed
