@@ -27,7 +27,7 @@ from .multiobjective import (
 )
 from .precision import current as current_precision
 from .session import released_session
-from .study import pruner_read_steps
+from .study import interrupt_within, pruner_read_steps
 from .training import DivergedError, fit_config
 
 
@@ -213,6 +213,9 @@ class Objective:
             trial.set_user_attr("fail_reason", "interrupted (Ctrl-C)")
             raise
         except Exception as e:  # OOM, a Keras error...: recorded, and the search goes on
+            if interrupt_within(e):  # a Ctrl-C that C code turned into SystemError
+                trial.set_user_attr("fail_reason", "interrupted (Ctrl-C)")
+                raise KeyboardInterrupt from e
             first = (str(e).strip().splitlines() or [""])[0][:300]
             trial.set_user_attr("fail_reason", f"{type(e).__name__}: {first}")
             raise

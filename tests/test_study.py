@@ -252,6 +252,46 @@ def test_ctrl_c_before_the_objective_fails_the_trial_as_interrupted(tmp_path: Pa
     assert last.state == TrialState.FAIL and "Ctrl-C" in last.user_attrs["fail_reason"]
 
 
+def test_ctrl_c_that_c_code_turned_into_system_error_stops_the_search(tmp_path: Path) -> None:
+    """A signal handled inside TensorFlow's C code can surface as `SystemError: ...
+    returned a result with an exception set`, caused by the KeyboardInterrupt. Taken as a
+    crash, the trial failed as one and the worker started the next trial, which its
+    parent then killed mid-way (left RUNNING): it must stop the search as Ctrl-C does."""
+    study = _open(st.default_storage(tmp_path, "s"))
+    calls = []
+
+    def objective(trial: optuna.Trial) -> float:
+        calls.append(trial.number)
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as e:  # what CPython's C-call result check does
+            raise SystemError(
+                "<built-in function __import__> returned a result with an exception set"
+            ) from e
+
+    with pytest.raises(KeyboardInterrupt):
+        st.run_trials(study, objective, 3)
+    assert calls == [0]
+    (t,) = study.get_trials()
+    assert t.state == TrialState.FAIL and t.user_attrs["fail_reason"] == "interrupted (Ctrl-C)"
+
+
+def test_interrupt_within_follows_causes_and_contexts() -> None:
+    assert st.interrupt_within(KeyboardInterrupt())
+    assert not st.interrupt_within(SystemError("plain"))
+    try:
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise OSError("while cleaning up")  # noqa: B904 (implicit context on purpose)
+    except OSError as e:
+        assert st.interrupt_within(e)
+    cyclic = ValueError("a")
+    cyclic.__context__ = ValueError("b")
+    cyclic.__context__.__context__ = cyclic
+    assert not st.interrupt_within(cyclic)
+
+
 def test_stale_running_trial_is_failed(tmp_path: Path) -> None:
     study = _open(st.default_storage(tmp_path, "s"))
     study.ask()  # left RUNNING, as by a killed process
