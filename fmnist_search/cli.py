@@ -9,13 +9,13 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from . import stop
 from . import study as st
 
 # Sub-commands implemented in other modules: each has `build_parser(prog)` and `run(args)`.
@@ -410,10 +410,6 @@ def err(msg: str) -> None:
     print(f"error: {msg}", file=sys.stderr)
 
 
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; return its exit code (never raises for user errors)."""
     command, rest = _split_command(list(sys.argv[1:] if argv is None else argv))
@@ -421,11 +417,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.argv = rest
     # A supervisor's SIGTERM (and a worker's when its parent dies) gets Ctrl-C's handling:
     # the running trial marked failed, workers told, the leaderboard printed, exit 130.
-    previous = signal.signal(signal.SIGTERM, _interrupt)
-    try:
+    with stop.handled_here():
         return _main(command, args)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _main(command: str, args: argparse.Namespace) -> int:

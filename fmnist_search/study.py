@@ -24,6 +24,8 @@ from optuna.storages._heartbeat import is_heartbeat_enabled
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
+from . import stop
+
 SAMPLERS = ("tpe", "random", "cmaes", "qmc", "nsga2")
 PRUNERS = ("hyperband", "median", "sha", "none")
 STORAGE_SCHEMES = (
@@ -639,8 +641,8 @@ def _stop_heartbeats(study: optuna.Study, reason: str) -> list[int]:
     the process never exits, and the trial stays RUNNING. Returns the trials failed here.
     """
     failed = []
-    for thread, trial_id, stop in _heartbeat_threads():
-        stop.set()
+    for thread, trial_id, beating in _heartbeat_threads():
+        beating.set()
         thread.join(timeout=10)
         try:
             frozen = study._storage.get_trial(trial_id)
@@ -720,6 +722,7 @@ def _run_trials(
 
     started_here = 0
     while deadline is None or time.monotonic() < deadline:
+        stop.raise_if_asked()  # a Ctrl-C lost inside the last trial: start no other
         if max_trials is not None and started_here >= max_trials:
             wanted = total_trials - len(
                 study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING))

@@ -13,6 +13,7 @@ import numpy as np
 
 from searchspace.config import CnnConfig
 
+from . import stop
 from .model import build_cnn
 
 EpochHook = Callable[[int, dict[str, float]], None]
@@ -75,6 +76,7 @@ class _Hooks(keras.callbacks.Callback):
             raise DivergedError(
                 f"loss became {float(loss)} at epoch {self._epoch + 1}, batch {batch + 1}"
             )
+        stop.raise_if_asked()  # a Ctrl-C whose KeyboardInterrupt library code swallowed
         if self._on_batch is not None:
             self._on_batch(batch + 1, self._steps)
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
+from . import stop
 from .progress import SearchProgress
 
 
@@ -129,6 +130,7 @@ def watch(
                     pool.restarts += 1
             time.sleep(1.0)
             _show(study, seen, sink)
+            stop.raise_if_asked()
     except KeyboardInterrupt:
         for p in procs:
             if p.poll() is None:

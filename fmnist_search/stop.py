@@ -1,0 +1,57 @@
+"""A request to stop (Ctrl-C or SIGTERM), remembered as well as raised.
+
+Python runs a signal handler between two bytecodes of whatever code is on the main thread,
+often library code called from C (TensorFlow, Keras, SQLAlchemy). Some of those C paths
+clear any error they meet, so the KeyboardInterrupt the handler raised can vanish: a
+worker of a CI run lost its parent's SIGINT that way and trained eleven more trials until
+the parent killed it, mid-trial. Others turn it into a SystemError (`study.interrupt_within`).
+So the handler also records the request, and the places that start work check it: each
+training batch (`training`), each trial (`study.run_trials`), the parent's watch loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+_asked = threading.Event()
+
+
+def ask(signum: int, frame: Any) -> None:
+    """Signal handler: remember the request, then raise it as Ctrl-C."""
+    _asked.set()
+    raise KeyboardInterrupt
+
+
+def asked() -> bool:
+    """Whether a stop was requested since `handled_here` began."""
+    return _asked.is_set()
+
+
+def raise_if_asked() -> None:
+    """Raise KeyboardInterrupt again if a stop was requested (its first raise may be lost)."""
+    if _asked.is_set():
+        raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def handled_here() -> Iterator[None]:
+    """Within: SIGINT and SIGTERM call `ask`. An ignored SIGINT stays ignored (a search
+    started in the background ignores the terminal's Ctrl-C); SIGTERM, from a supervisor
+    or a dying parent, gets Ctrl-C's handling either way. On exit the request is forgotten
+    and the previous handlers are back."""
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    _asked.clear()
+    if previous[signal.SIGINT] is signal.default_int_handler:
+        signal.signal(signal.SIGINT, ask)
+    signal.signal(signal.SIGTERM, ask)
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            if handler is not None:  # None: set from C, not restorable from Python
+                signal.signal(s, handler)
+        _asked.clear()
