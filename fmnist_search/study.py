@@ -720,14 +720,16 @@ def _run_trials(
     def remember(study: optuna.Study, trial: FrozenTrial) -> None:
         last.append(trial)
 
+    next_silent_check = 0.0  # monotonic time of the next `fail_silent_trials`
+
+    def started() -> list[FrozenTrial]:
+        return study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING))
+
     started_here = 0
     while deadline is None or time.monotonic() < deadline:
         stop.raise_if_asked()  # a Ctrl-C lost inside the last trial: start no other
         if max_trials is not None and started_here >= max_trials:
-            wanted = total_trials - len(
-                study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING))
-            )
-            return wanted > 0
+            return len(started()) < total_trials
         started_here += 1
         lock.acquire()
         held = True
@@ -754,14 +756,23 @@ def _run_trials(
                 raise KeyboardInterrupt from e
 
         try:
-            if heartbeat:
+            # A trial's own start (Optuna's `_run_trial`) fails the stale trials of dead
+            # workers; the silent ones (never beat) are rare, so looked for once per heartbeat
+            # interval, not every trial: each check is a storage read, 5-10 ms.
+            if heartbeat and time.monotonic() >= next_silent_check:
+                fail_silent_trials(study)
+                next_silent_check = time.monotonic() + HEARTBEAT_INTERVAL
+            trials = started()
+            if len(trials) >= total_trials:
+                if not heartbeat or all(t.state != TrialState.RUNNING for t in trials):
+                    break
+                # A dead worker's trial counts as started until failed: check before stopping.
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                     optuna.storages.fail_stale_trials(study)
                 fail_silent_trials(study)
-            started = len(study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING)))
-            if started >= total_trials:
-                break
+                if len(started()) >= total_trials:
+                    break
             last.clear()
             # n_trials counts per optimize() call in Optuna: one call per trial here.
             with uninterrupted():  # only the objective's own work may be cut short
@@ -770,7 +781,9 @@ def _run_trials(
                     n_trials=1,
                     callbacks=[*callbacks, remember],
                     catch=(Exception,),
-                    gc_after_trial=True,
+                    # Not Optuna's collection too: the objective cleans up after itself
+                    # (`Objective` through `session.released_session`, which collects).
+                    gc_after_trial=False,
                 )
         except BaseException as e:  # Ctrl-C, SystemExit, a lost storage
             reason = "interrupted (Ctrl-C)" if isinstance(e, KeyboardInterrupt) else None
