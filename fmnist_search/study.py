@@ -660,8 +660,9 @@ def settled_heap() -> Iterator[None]:
     """Within: every object alive on entry is exempt from garbage collection (`gc.freeze`).
 
     TensorFlow and Keras leave about 450,000 long-lived objects that every full
-    collection walks again: 0.2 s each time, and a trial ran three (Keras' clear_session,
-    Optuna's gc_after_trial, one of ours), 0.6 s of a 10 s trial. Frozen, a collection walks
+    collection walks again: 0.2 s each time, and a trial once ran three (Keras'
+    clear_session, Optuna's gc_after_trial, one of ours), 0.6 s of a 10 s trial; it now
+    runs one, the cleanup's. Frozen, a collection walks
     only what was made since. Frozen objects are still freed by reference counting; on exit
     they are collectable again, so a cycle that became garbage meanwhile is not kept.
     Nested, only the outermost freezes and unfreezes.
