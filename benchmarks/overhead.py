@@ -127,6 +127,30 @@ def main() -> int:
 
     session.clear = timed_clear  # type: ignore[assignment]
 
+    # The tool's own time, timed inside each of its trials: the trial minus its `fit_config`
+    # call, plus the pruner's report and should_prune calls made from within that call.
+    # One trial's two figures are seconds apart, so the machine's drift, which moves whole
+    # trials by tens of percent here, hardly moves their difference.
+    from fmnist_search import objective as objective_module
+
+    inner: dict[str, float] = {"fit": 0.0, "pruner": 0.0}
+    fit = objective_module.fit_config
+
+    def timed(into: str, f: Any) -> Any:
+        def call(*a: Any, **kw: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return f(*a, **kw)
+            finally:
+                inner[into] += time.perf_counter() - start
+        return call
+
+    objective_module.fit_config = timed("fit", fit)
+    report, should_prune = optuna.Trial.report, optuna.Trial.should_prune
+    optuna.Trial.report = timed("pruner", report)  # type: ignore[method-assign]
+    optuna.Trial.should_prune = timed("pruner", should_prune)  # type: ignore[method-assign]
+    own_time: dict[str, list[float]] = {"tool": [], "tool_nop": []}
+
     Clock = tuple[float, float]  # (wall, process CPU) at a moment
 
     def now() -> Clock:
@@ -138,9 +162,12 @@ def main() -> int:
 
     def tool(k: str) -> Clock:
         n_trials[k] += 1
+        inner.update(fit=0.0, pruner=0.0)
         start = now()
         st.run_trials(studies[k], objective, n_trials[k], callbacks=[sink])
-        return since(start)
+        elapsed = since(start)
+        own_time[k].append(elapsed[0] - inner["fit"] + inner["pruner"])
+        return elapsed
 
     def training_path() -> Clock:
         """The objective's `fit_config` call and cleanup, without study or hooks."""
@@ -196,7 +223,7 @@ def main() -> int:
         st.run_trials(empty, objective, n_empty)
         return time.perf_counter() - start
 
-    def timed(f: Any) -> float:
+    def seconds(f: Any) -> float:
         start = time.perf_counter()
         f()
         return time.perf_counter() - start
@@ -212,7 +239,7 @@ def main() -> int:
     parts: dict[str, list[float]] = {"study": [], "count_params": []}
     for _ in range(max(3, args.repeats)):
         parts["study"].append(bookkeeping())
-        parts["count_params"].append(timed(lambda: count_params(cfg, folds.num_classes)))
+        parts["count_params"].append(seconds(lambda: count_params(cfg, folds.num_classes)))
     # One interim pass, as the tool runs it (`forward`) over the subset on a model whose
     # predict step is already traced (the final pass traces it in any case).
     interim = (protocol.interim_val_size
@@ -225,7 +252,7 @@ def main() -> int:
         probe = build_cnn(cfg, num_classes=folds.num_classes)
         forward(probe, x_va[sub], validation_batch_size(cfg))
         for _ in range(max(3, args.repeats)):
-            interim_pass.append(timed(lambda: forward(
+            interim_pass.append(seconds(lambda: forward(
                 probe, x_va[sub], validation_batch_size(cfg))))
         del probe
         cleanup()
@@ -238,6 +265,8 @@ def main() -> int:
     for f in sides.values():  # warm-up: first graph tracing, caches
         f()
     cleanups.clear()
+    for v in own_time.values():
+        v.clear()
     for r in range(args.repeats):
         k0 = r % len(sides)
         order = list(sides)[k0:] + list(sides)[:k0]  # rotate who goes first
@@ -249,6 +278,8 @@ def main() -> int:
 
     settled.__exit__(None, None, None)
     session.clear = clear  # type: ignore[assignment]
+    objective_module.fit_config = fit
+    optuna.Trial.report, optuna.Trial.should_prune = report, should_prune  # type: ignore[method-assign]
     parts["clear_session"] = cleanups  # after the tool's real trials
     med = {k: statistics.median(v) for k, v in runs.items()}
     med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
@@ -287,6 +318,11 @@ def main() -> int:
         # (minutes apart at most): a machine whose speed drifts over the run moves both.
         "paired_overhead_pct": paired(runs),
         "paired_cpu_overhead_pct": paired(cpu),
+        # The tool's own time per trial, timed inside it (see `own_time` above), and as a
+        # share of the bare trial's median: the figure the machine's drift moves least.
+        "own_time_runs_s": own_time,
+        "own_time_s": {k: statistics.median(v) for k, v in own_time.items()},
+        "own_time_pct": 100 * statistics.median(own_time["tool"]) / med["bare"],
         "overhead_no_pruner_pct": 100 * (med["tool_nop"] - med["bare"]) / med["bare"],
         # Best of N (as `timeit` reports): noise only ever adds time, so on a machine whose
         # speed wanders the fastest run of each side is the least disturbed one.
@@ -369,6 +405,7 @@ def render(r: dict[str, Any]) -> str:
            "differences of that size are this run's noise."
            if r.get("overhead_no_pruner_pct", -math.inf) > r["overhead_pct"] else ""),
         *([_bookkeeping(r)] if "bookkeeping_s" in r else []),
+        *([_own_time(r)] if "own_time_s" in r else []),
         (f"The tool scores {s['interim_val_images']:,} of the validation images (a stratified "
          "subset) after the epochs before the last that its pruner reads, and every image "
          "once after the last, the trial's score. "
@@ -422,6 +459,20 @@ def _bookkeeping(r: dict[str, Any]) -> str:
         f"search's bookkeeping (the tool minus its training path) came to "
         f"{r['bookkeeping_s']:+.2f} s of wall time and {r['bookkeeping_cpu_s']:+.2f} s of CPU "
         "time per trial."
+    )
+
+
+def _own_time(r: dict[str, Any]) -> str:
+    """The tool's own time per trial, timed inside its trials."""
+    own, runs = r["own_time_s"], r["own_time_runs_s"]["tool"]
+    return (
+        f"Timed inside each of its trials, the tool's own time (the trial minus its "
+        f"`fit_config` call, plus the pruner's report and `should_prune` made within it) was "
+        f"**{own['tool']:.2f} s** (median; {min(runs):.2f}-{max(runs):.2f} s), "
+        f"**{r['own_time_pct']:.1f}%** of the bare trial's median, and {own['tool_nop']:.2f} s "
+        "without a pruner. Both parts of that difference come from the same trial, seconds "
+        "apart, so the drift of the machine's speed that moves whole runs moves it little. "
+        "The `fit_config` call is the training path, compared with the bare trial above."
     )
 
 

@@ -27,7 +27,8 @@ from .multiobjective import (
 )
 from .precision import current as current_precision
 from .session import released_session
-from .study import interrupt_within, pruner_read_steps
+from .stop import interrupt_within
+from .study import pruner_read_steps
 from .training import DivergedError, fit_config
 
 

@@ -4,7 +4,7 @@ Python runs a signal handler between two bytecodes of whatever code is on the ma
 often library code called from C (TensorFlow, Keras, SQLAlchemy). Some of those C paths
 clear any error they meet, so the KeyboardInterrupt the handler raised can vanish: a
 worker of a CI run lost its parent's SIGINT that way and trained eleven more trials until
-the parent killed it, mid-trial. Others turn it into a SystemError (`study.interrupt_within`).
+the parent killed it, mid-trial. Others turn it into a SystemError (`interrupt_within`).
 So the handler also records the request, and the places that start work check it: each
 training batch (`training`), each trial (`study.run_trials`), the parent's watch loop.
 """
@@ -55,3 +55,21 @@ def handled_here() -> Iterator[None]:
             if handler is not None:  # None: set from C, not restorable from Python
                 signal.signal(s, handler)
         _asked.clear()
+
+
+def interrupt_within(error: BaseException) -> bool:
+    """Whether `error` is, or came from, a Ctrl-C (KeyboardInterrupt).
+
+    A signal handled while C code (TensorFlow's, the import machinery) runs a Python
+    callback can come out as `SystemError: ... returned a result with an exception set`,
+    with the KeyboardInterrupt as its cause. Counted as an ordinary exception, it would
+    fail the trial as a crash and let the worker start the next one, which the parent then
+    kills mid-trial (left RUNNING)."""
+    seen: set[int] = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:
+        if isinstance(e, KeyboardInterrupt):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False

@@ -309,24 +309,6 @@ def uninterrupted() -> Iterator[None]:
         held.deliver()
 
 
-def interrupt_within(error: BaseException) -> bool:
-    """Whether `error` is, or came from, a Ctrl-C (KeyboardInterrupt).
-
-    A signal handled while C code (TensorFlow's, the import machinery) runs a Python
-    callback can come out as `SystemError: ... returned a result with an exception set`,
-    with the KeyboardInterrupt as its cause. Counted as an ordinary exception, it would
-    fail the trial as a crash and let the worker start the next one, which the parent then
-    kills mid-trial (left RUNNING)."""
-    seen: set[int] = set()
-    e: BaseException | None = error
-    while e is not None and id(e) not in seen:
-        if isinstance(e, KeyboardInterrupt):
-            return True
-        seen.add(id(e))
-        e = e.__cause__ or e.__context__
-    return False
-
-
 @contextlib.contextmanager
 def interruptible() -> Iterator[None]:
     """Within an `uninterrupted` block: signals act at once again (an objective's training).
@@ -751,7 +733,7 @@ def _run_trials(
                     trial.set_user_attr("fail_reason", "interrupted (Ctrl-C)")
                 raise
             except Exception as e:
-                if not interrupt_within(e):
+                if not stop.interrupt_within(e):
                     raise
                 trial.set_user_attr("fail_reason", "interrupted (Ctrl-C)")
                 raise KeyboardInterrupt from e

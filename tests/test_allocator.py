@@ -121,3 +121,35 @@ def test_describe_says_where_tensors_live() -> None:
     assert allocator.describe({**on, allocator.ARENA_ENV: "4"}) == "malloc, MALLOC_ARENA_MAX=4"
     # In this process the package's import set one arena (this machine runs glibc).
     assert allocator.describe(on) == ("malloc, one glibc arena" if _glibc() else "malloc")
+
+
+LATE = """
+import warnings
+import tensorflow as tf
+tf.zeros((2,))  # TensorFlow's devices and pool exist now
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import fmnist_search
+    from fmnist_search import allocator
+print(len(caught), caught[0].message if caught else "")
+print(allocator.describe())
+x = tf.random.uniform((1024, 1024, 8))
+y = tf.reduce_sum(x * 2.0)
+print(tf.config.experimental.get_memory_info("CPU:0")["peak"])
+"""
+
+
+def test_tensorflow_run_before_the_import_is_reported() -> None:
+    """Only an op run first is too late: importing `tensorflow` first is fine (POOL_PEAK's
+    order reversed is checked below)."""
+    late = _run(LATE)
+    assert late.returncode == 0, late.stderr
+    warned, described, peak = late.stdout.strip().splitlines()[-3:]
+    assert warned.startswith("1 TensorFlow ran before fmnist_search was imported")
+    assert described.startswith("TensorFlow's pool (TensorFlow ran before")
+    assert int(peak) >= 32 * 1024 * 1024  # indeed served by the pool
+    imported_first = _run(POOL_PEAK.replace("import fmnist_search\nimport tensorflow as tf",
+                                            "import tensorflow as tf\nimport fmnist_search"))
+    assert imported_first.returncode == 0, imported_first.stderr
+    assert "TensorFlow ran before" not in imported_first.stderr
+    assert int(imported_first.stdout.split()[-1]) == 0

@@ -80,3 +80,19 @@ def test_a_swallowed_interrupt_starts_no_other_trial(tmp_path: Path) -> None:
         st.run_trials(study, objective, 5)
     assert ran == [0]
     assert [t.state for t in study.get_trials()] == [TrialState.COMPLETE]
+
+
+def test_interrupt_within_follows_causes_and_contexts() -> None:
+    assert stop.interrupt_within(KeyboardInterrupt())
+    assert not stop.interrupt_within(SystemError("plain"))
+    try:
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise OSError("while cleaning up")  # noqa: B904 (implicit context on purpose)
+    except OSError as e:
+        assert stop.interrupt_within(e)
+    cyclic = ValueError("a")
+    cyclic.__context__ = ValueError("b")
+    cyclic.__context__.__context__ = cyclic
+    assert not stop.interrupt_within(cyclic)

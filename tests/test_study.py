@@ -276,22 +276,6 @@ def test_ctrl_c_that_c_code_turned_into_system_error_stops_the_search(tmp_path: 
     assert t.state == TrialState.FAIL and t.user_attrs["fail_reason"] == "interrupted (Ctrl-C)"
 
 
-def test_interrupt_within_follows_causes_and_contexts() -> None:
-    assert st.interrupt_within(KeyboardInterrupt())
-    assert not st.interrupt_within(SystemError("plain"))
-    try:
-        try:
-            raise KeyboardInterrupt
-        except KeyboardInterrupt:
-            raise OSError("while cleaning up")  # noqa: B904 (implicit context on purpose)
-    except OSError as e:
-        assert st.interrupt_within(e)
-    cyclic = ValueError("a")
-    cyclic.__context__ = ValueError("b")
-    cyclic.__context__.__context__ = cyclic
-    assert not st.interrupt_within(cyclic)
-
-
 def test_stale_running_trial_is_failed(tmp_path: Path) -> None:
     study = _open(st.default_storage(tmp_path, "s"))
     study.ask()  # left RUNNING, as by a killed process
