@@ -55,13 +55,15 @@ def configure(env: MutableMapping[str, str] = os.environ) -> bool:
     chose otherwise; whether glibc was set to one arena here (False where it is not glibc)."""
     global _one_arena, _too_late
     env.setdefault(SYSTEM_ALLOCATOR_ENV, "1")
-    if not uses_system_allocator(env) or ARENA_ENV in env:
+    if not uses_system_allocator(env):
         return False
     if env is os.environ and tensorflow_started():
         _too_late = True
-        warnings.warn("TensorFlow ran before fmnist_search was imported: its tensors stay in "
-                      "TensorFlow's pool (import fmnist_search before running TensorFlow)",
-                      RuntimeWarning, stacklevel=2)
+        warnings.warn("TensorFlow ran before fmnist_search was imported: this process's "
+                      "tensors stay in TensorFlow's pool (import fmnist_search before running "
+                      "TensorFlow)", RuntimeWarning, stacklevel=2)
+    if ARENA_ENV in env:
+        return False
     _one_arena = set_arena_max(1)
     return _one_arena
 

@@ -5,46 +5,58 @@ often library code called from C (TensorFlow, Keras, SQLAlchemy). Some of those 
 clear any error they meet, so the KeyboardInterrupt the handler raised can vanish: a
 worker of a CI run lost its parent's SIGINT that way and trained eleven more trials until
 the parent killed it, mid-trial. Others turn it into a SystemError (`interrupt_within`).
-So the handler also records the request, and the places that start work check it: each
-training batch (`training`), each trial (`study.run_trials`), the parent's watch loop.
+So, within `handled_here`, the handler also records the request, and the places that start
+work check it: each training batch (`training`), each trial (`study.run_trials`), the
+parent's watch loop.
 """
 
 from __future__ import annotations
 
 import contextlib
 import signal
-import threading
 from collections.abc import Iterator
 from typing import Any
 
-_asked = threading.Event()
+# Plain flags, not a threading.Event: a signal handler must not wait for a lock that the
+# code it interrupted may hold.
+_active = False  # inside `handled_here`
+_asked = False  # a stop was requested there
+
+
+def remember() -> None:
+    """Record a stop request (within `handled_here`; elsewhere nobody checks it)."""
+    global _asked
+    if _active:
+        _asked = True
 
 
 def ask(signum: int, frame: Any) -> None:
     """Signal handler: remember the request, then raise it as Ctrl-C."""
-    _asked.set()
+    remember()
     raise KeyboardInterrupt
 
 
 def asked() -> bool:
     """Whether a stop was requested since `handled_here` began."""
-    return _asked.is_set()
+    return _asked
 
 
 def raise_if_asked() -> None:
     """Raise KeyboardInterrupt again if a stop was requested (its first raise may be lost)."""
-    if _asked.is_set():
+    if _asked:
         raise KeyboardInterrupt
 
 
 @contextlib.contextmanager
 def handled_here() -> Iterator[None]:
     """Within: SIGINT and SIGTERM call `ask`. An ignored SIGINT stays ignored (a search
-    started in the background ignores the terminal's Ctrl-C); SIGTERM, from a supervisor
-    or a dying parent, gets Ctrl-C's handling either way. On exit the request is forgotten
-    and the previous handlers are back."""
+    started in the background ignores the terminal's Ctrl-C), and so does one with a
+    handler of the caller's own; SIGTERM, from a supervisor or a dying parent, gets
+    Ctrl-C's handling either way. On exit the previous handlers are back and the request
+    is forgotten."""
+    global _active, _asked
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    _asked.clear()
+    _active, _asked = True, False
     if previous[signal.SIGINT] is signal.default_int_handler:
         signal.signal(signal.SIGINT, ask)
     signal.signal(signal.SIGTERM, ask)
@@ -54,7 +66,7 @@ def handled_here() -> Iterator[None]:
         for s, handler in previous.items():
             if handler is not None:  # None: set from C, not restorable from Python
                 signal.signal(s, handler)
-        _asked.clear()
+        _active, _asked = False, False
 
 
 def interrupt_within(error: BaseException) -> bool:

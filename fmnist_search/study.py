@@ -250,6 +250,7 @@ class _Held:
         self.previous: list[Any] = []
 
     def hold(self, signum: int, frame: Any) -> None:
+        stop.remember()
         if self.pending:  # asked twice: a hung storage call must not trap the user
             raise KeyboardInterrupt
         self.pending.append(signum)

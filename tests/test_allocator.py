@@ -148,6 +148,9 @@ def test_tensorflow_run_before_the_import_is_reported() -> None:
     assert warned.startswith("1 TensorFlow ran before fmnist_search was imported")
     assert described.startswith("TensorFlow's pool (TensorFlow ran before")
     assert int(peak) >= 32 * 1024 * 1024  # indeed served by the pool
+    with_arenas = _run(LATE, **{allocator.ARENA_ENV: "2"})  # the user's arena setting too
+    assert with_arenas.returncode == 0, with_arenas.stderr
+    assert with_arenas.stdout.strip().splitlines()[-3].startswith("1 TensorFlow ran before")
     imported_first = _run(POOL_PEAK.replace("import fmnist_search\nimport tensorflow as tf",
                                             "import tensorflow as tf\nimport fmnist_search"))
     assert imported_first.returncode == 0, imported_first.stderr

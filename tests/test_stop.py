@@ -96,3 +96,12 @@ def test_interrupt_within_follows_causes_and_contexts() -> None:
     cyclic.__context__ = ValueError("b")
     cyclic.__context__.__context__ = cyclic
     assert not stop.interrupt_within(cyclic)
+
+
+def test_a_signal_held_during_a_storage_call_is_remembered() -> None:
+    with stop.handled_here():
+        with pytest.raises(KeyboardInterrupt), st.uninterrupted():
+            signal.raise_signal(signal.SIGTERM)  # held until the block ends...
+            assert stop.asked()  # ...and remembered at once
+    stop.remember()  # outside `handled_here` nobody checks it: not recorded
+    assert not stop.asked()
