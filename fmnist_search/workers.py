@@ -116,7 +116,7 @@ def watch(
 
     A worker that exits with EXIT_RECYCLE (it ran its share of trials in one process, and
     TensorFlow's memory only comes back when a process ends) is started afresh. Ctrl-C is
-    forwarded to the workers (each marks its running trial failed and stops).
+    forwarded to the workers, as SIGTERM (each marks its running trial failed and stops).
     Returns the workers' exit codes.
     """
     seen = {t.number for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
@@ -134,7 +134,10 @@ def watch(
     except KeyboardInterrupt:
         for p in procs:
             if p.poll() is None:
-                p.send_signal(signal.SIGINT)
+                # SIGTERM, not SIGINT: a search started in the background (`cmd &`) has
+                # SIGINT ignored, and its workers inherit that; SIGTERM is handled as
+                # Ctrl-C in every worker (`stop.handled_here`).
+                p.send_signal(signal.SIGTERM)
         for p in procs:
             try:
                 p.wait(timeout=60)

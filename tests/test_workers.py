@@ -7,13 +7,14 @@ import os
 import signal
 import sqlite3
 import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
 
 import optuna
 import pytest
-from conftest import popen_cli, run_cli
+from conftest import ROOT, cli_env, popen_cli, run_cli
 from idx_utils import make_synthetic_idx_dir
 from optuna.trial import TrialState
 
@@ -340,6 +341,35 @@ def test_stopping_the_parent_stops_its_workers(
     assert not [t.number for t in trials if t.state == TrialState.RUNNING]
     assert any("interrupted" in t.user_attrs.get("fail_reason", "") for t in trials)
     assert len([t for t in trials if t.state.is_finished()]) < 60
+
+
+def test_a_background_search_stops_its_workers(slower_dir: Path, tmp_path: Path) -> None:
+    """Started with `cmd &`, a search has SIGINT ignored, and so have its workers: told to
+    stop with SIGINT, they trained on until the parent killed them, trials left RUNNING."""
+    import psutil
+
+    args = _args(slower_dir, tmp_path, "b", 60, "--workers", "2", "--pruner", "none",
+                 "--epochs", "3", "--train-subset", "0")
+    db = f"sqlite:///{tmp_path / 'b' / 'study.db'}"
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "run_search.py"), *args], stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, cwd=ROOT, env=cli_env(),
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    _wait_for_running(db, "b", proc, min_finished=0)
+    _wait_for_objectives(db, "b", proc, 2)
+    workers = psutil.Process(proc.pid).children()
+    start = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    out, err = _after_signal(proc)
+    assert proc.returncode == 130, err
+    _, alive = psutil.wait_procs(workers, timeout=90)
+    assert not alive
+    # Within a batch or so, not after the parent's 60-s wait for them.
+    assert time.monotonic() - start < 45, err
+    trials = optuna.load_study(study_name="b", storage=db).get_trials()
+    assert not [t.number for t in trials if t.state == TrialState.RUNNING]
+    assert len([t for t in trials
+                if "interrupted" in t.user_attrs.get("fail_reason", "")]) == 2
 
 
 def test_storage_errors_are_one_line_without_password(
