@@ -2,9 +2,10 @@
 
 Python runs a signal handler between two bytecodes of whatever code is on the main thread,
 often library code called from C (TensorFlow, Keras, SQLAlchemy). Some of those C paths
-clear any error they meet, so the KeyboardInterrupt the handler raised can vanish: a
-worker of a CI run lost its parent's SIGINT that way and trained eleven more trials until
-the parent killed it, mid-trial. Others turn it into a SystemError (`interrupt_within`).
+clear any error they meet, so the KeyboardInterrupt the handler raised can vanish: in the
+workers' stop test (1 run in 9), a worker lost its parent's SIGINT that way and trained
+eleven more trials until the parent killed it, mid-trial. Others turn it into a SystemError
+(`interrupt_within`), as in a CI run's worker.
 So, within `handled_here`, the handler also records the request, and the places that start
 work check it: each training batch (`training`), each trial (`study.run_trials`), the
 parent's watch loop.
