@@ -50,7 +50,7 @@ from searchspace.config import CnnConfig, InvalidConfigError
 from searchspace.keras_tuner import config_from_hp, optuna_point
 from searchspace.space import SearchSpace
 
-from . import session
+from . import session, stop
 from . import study as st
 from .model import build_cnn, count_params
 from .objective import Folds, ProgressSink, SearchProtocol
@@ -410,6 +410,9 @@ def _tuner_class(base: Any) -> Any:
         engine: _Engine
 
         def pre_create_trial(self) -> None:
+            # A Ctrl-C that library code swallowed (between trials, in KerasTuner's own
+            # bookkeeping or ours) still ends the search before another trial begins.
+            stop.raise_if_asked()
             if self.engine.should_stop():
                 raise _Stop
 
@@ -420,6 +423,10 @@ def _tuner_class(base: Any) -> Any:
                 with session.gradients_released():
                     return super()._build_and_fit_model(trial, *args, **kwargs)
             except Exception as e:
+                if stop.interrupt_within(e):
+                    # A Ctrl-C that C code turned into a SystemError: KerasTuner would take
+                    # it for a failed trial and go on to the next one.
+                    raise KeyboardInterrupt from e
                 rec.fail_reason = _reason(e)
                 raise
 

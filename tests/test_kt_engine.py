@@ -6,6 +6,7 @@ import io
 import json
 import math
 import shutil
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -18,7 +19,7 @@ import pytest
 from optuna.trial import FixedTrial, TrialState
 from rich.console import Console
 
-from fmnist_search import kt_engine
+from fmnist_search import kt_engine, stop
 from fmnist_search import study as st
 from fmnist_search.data import Dataset
 from fmnist_search.export import pick_trial
@@ -338,3 +339,78 @@ def test_batchnorm_trials_are_scored_after_re_estimating_the_statistics(
     assert [t.state for t in study.get_trials()] == [TrialState.COMPLETE]
     # Before each epoch's validation pass, as the Optuna engine does.
     assert len(calls) == 2 and all(n > 0 for n in calls)
+
+
+# ---------------------------------------------------------------- a stop request inside KerasTuner
+
+class _Sink:
+    """A progress sink that runs `on_batch` after each training batch and `on_recorded`
+    after each trial is written to the study; it notes which trials started."""
+
+    def __init__(self, on_batch: Any = None, on_recorded: Any = None) -> None:
+        self.on_batch, self.on_recorded = on_batch, on_recorded
+        self.started: list[int] = []
+
+    def trial_started(self, number: int, cfg: CnnConfig) -> None:
+        self.started.append(number)
+
+    def epoch_started(self, number: int, step: int, total_steps: int) -> None:
+        pass
+
+    def batch_done(self, done: int, total: int) -> None:
+        if self.on_batch:
+            self.on_batch()
+
+    def epoch_done(self, number: int, step: int, value: float) -> None:
+        pass
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if self.on_recorded:
+            self.on_recorded()
+
+
+def _swallowed_sigterm() -> None:
+    """A SIGTERM whose KeyboardInterrupt library code caught and dropped (SIGTERM: a test run
+    started in the background has SIGINT ignored)."""
+    try:
+        signal.raise_signal(signal.SIGTERM)
+    except KeyboardInterrupt:
+        pass
+
+
+def test_a_swallowed_interrupt_starts_no_other_keras_tuner_trial(
+    tiny_dataset: Dataset, tmp_path: Path
+) -> None:
+    """Lost between two trials (in KerasTuner's bookkeeping or ours), a stop request still
+    ends the search before KerasTuner creates the next trial."""
+    protocol = SearchProtocol(epochs=1)
+    folds = make_folds(tiny_dataset, protocol)
+    study = _open(tmp_path, "kt-stop", protocol)
+    sink = _Sink(on_recorded=_swallowed_sigterm)
+    with stop.handled_here(), pytest.raises(KeyboardInterrupt):
+        _run(study, folds, protocol, tmp_path, "random", 4, progress=sink)
+    assert sink.started == [0]
+    assert [t.state for t in study.get_trials()] == [TrialState.COMPLETE]
+
+
+def test_ctrl_c_turned_into_system_error_stops_the_keras_tuner_search(
+    tiny_dataset: Dataset, tmp_path: Path
+) -> None:
+    """KerasTuner counts any Exception as a failed trial and goes on: a Ctrl-C that C code
+    turned into a SystemError must stop the search, its trial recorded as interrupted."""
+
+    def system_error() -> None:
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as e:  # what CPython's C-call result check does
+            raise SystemError("<built-in method> returned a result with an exception set") from e
+
+    protocol = SearchProtocol(epochs=1)
+    folds = make_folds(tiny_dataset, protocol)
+    study = _open(tmp_path, "kt-system-error", protocol)
+    sink = _Sink(on_batch=system_error)
+    with pytest.raises(KeyboardInterrupt):
+        _run(study, folds, protocol, tmp_path, "random", 4, progress=sink)
+    assert sink.started == [0]
+    (t,) = study.get_trials()
+    assert t.state == TrialState.FAIL and t.user_attrs["fail_reason"] == "interrupted (Ctrl-C)"
