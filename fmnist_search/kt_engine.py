@@ -416,6 +416,17 @@ def _tuner_class(base: Any) -> Any:
             if self.engine.should_stop():
                 raise _Stop
 
+        def _run_and_update_trial(self, trial: Any, *args: Any, **kwargs: Any) -> Any:
+            # The whole trial as KerasTuner runs it (set-up, fit, the oracle's update): a
+            # Ctrl-C that C code turned into a SystemError would count as a failed trial in
+            # KerasTuner's loop (it catches every Exception) and the next would start.
+            try:
+                return super()._run_and_update_trial(trial, *args, **kwargs)
+            except Exception as e:
+                if stop.interrupt_within(e):
+                    raise KeyboardInterrupt from e
+                raise
+
         def _build_and_fit_model(self, trial: Any, *args: Any, **kwargs: Any) -> Any:
             rec = self.engine.begin(trial)
             try:
@@ -423,10 +434,6 @@ def _tuner_class(base: Any) -> Any:
                 with session.gradients_released():
                     return super()._build_and_fit_model(trial, *args, **kwargs)
             except Exception as e:
-                if stop.interrupt_within(e):
-                    # A Ctrl-C that C code turned into a SystemError: KerasTuner would take
-                    # it for a failed trial and go on to the next one.
-                    raise KeyboardInterrupt from e
                 rec.fail_reason = _reason(e)
                 raise
 
@@ -570,13 +577,21 @@ def run_keras_tuner(
     if engine.run_id is not None:
         run_file.write_text(engine.run_id + "\n", encoding="utf-8")
     try:
-        with _kt_quiet(), st.settled_heap():  # as our engine's trials: cheap collections
-            tuner.search(epochs=protocol.epochs, verbose=0)
+        try:
+            with _kt_quiet(), st.settled_heap():  # as our engine's trials: cheap collections
+                tuner.search(epochs=protocol.epochs, verbose=0)
+        except Exception as e:
+            # Between trials too (KerasTuner's bookkeeping, our recording), a Ctrl-C that C
+            # code turned into a SystemError is Ctrl-C, not a crash with a traceback.
+            if stop.interrupt_within(e):
+                raise KeyboardInterrupt from e
+            raise
     except _Stop:
         pass
     except KeyboardInterrupt:
         if engine.current is not None:
             engine.record(engine.current.trial, interrupted=True)
+        session.clear()  # as after any trial: the interrupted model's graphs can go
         raise
     except RuntimeError as e:
         _raise_if_all_failed(engine)

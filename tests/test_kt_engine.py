@@ -393,24 +393,48 @@ def test_a_swallowed_interrupt_starts_no_other_keras_tuner_trial(
     assert [t.state for t in study.get_trials()] == [TrialState.COMPLETE]
 
 
-def test_ctrl_c_turned_into_system_error_stops_the_keras_tuner_search(
+def _system_error() -> None:
+    """A Ctrl-C as C code can hand it on: a SystemError caused by the KeyboardInterrupt."""
+    try:
+        raise KeyboardInterrupt
+    except KeyboardInterrupt as e:  # what CPython's C-call result check does
+        raise SystemError("<built-in method> returned a result with an exception set") from e
+
+
+def test_ctrl_c_turned_into_system_error_in_a_fit_stops_the_keras_tuner_search(
     tiny_dataset: Dataset, tmp_path: Path
 ) -> None:
     """KerasTuner counts any Exception as a failed trial and goes on: a Ctrl-C that C code
-    turned into a SystemError must stop the search, its trial recorded as interrupted."""
-
-    def system_error() -> None:
-        try:
-            raise KeyboardInterrupt
-        except KeyboardInterrupt as e:  # what CPython's C-call result check does
-            raise SystemError("<built-in method> returned a result with an exception set") from e
-
+    turned into a SystemError must stop the search, its trial recorded as interrupted; the
+    next run retries that trial."""
     protocol = SearchProtocol(epochs=1)
     folds = make_folds(tiny_dataset, protocol)
     study = _open(tmp_path, "kt-system-error", protocol)
-    sink = _Sink(on_batch=system_error)
+    sink = _Sink(on_batch=_system_error)
     with pytest.raises(KeyboardInterrupt):
         _run(study, folds, protocol, tmp_path, "random", 4, progress=sink)
     assert sink.started == [0]
     (t,) = study.get_trials()
     assert t.state == TrialState.FAIL and t.user_attrs["fail_reason"] == "interrupted (Ctrl-C)"
+
+    _run(study, folds, protocol, tmp_path, "random", 2)
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
+    # KerasTuner re-runs the trial it had in flight; the study keeps the interrupted attempt.
+    assert trials[1].user_attrs["kt_trial_id"] == trials[0].user_attrs["kt_trial_id"]
+    assert trials[1].params == trials[0].params
+
+
+def test_ctrl_c_turned_into_system_error_between_trials_is_ctrl_c(
+    tiny_dataset: Dataset, tmp_path: Path
+) -> None:
+    """Raised after a trial was recorded (our bookkeeping, KerasTuner's), it would otherwise
+    leave the search as a bare SystemError: a traceback, not Ctrl-C's exit."""
+    protocol = SearchProtocol(epochs=1)
+    folds = make_folds(tiny_dataset, protocol)
+    study = _open(tmp_path, "kt-system-error-between", protocol)
+    sink = _Sink(on_recorded=_system_error)
+    with pytest.raises(KeyboardInterrupt):
+        _run(study, folds, protocol, tmp_path, "random", 4, progress=sink)
+    assert sink.started == [0]
+    assert [t.state for t in study.get_trials()] == [TrialState.COMPLETE]
