@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
@@ -378,17 +379,27 @@ def _swallowed_sigterm() -> None:
         pass
 
 
+def _interrupted(tiny_dataset: Dataset, tmp_path: Path, name: str, sink: _Sink,
+                 handled: bool = False) -> optuna.Study:
+    """A random search of 4 one-epoch trials that must end in KeyboardInterrupt; its study.
+
+    `handled`: within the CLI's signal handling (`stop.handled_here`)."""
+    protocol = SearchProtocol(epochs=1)
+    folds = make_folds(tiny_dataset, protocol)
+    study = _open(tmp_path, name, protocol)
+    with stop.handled_here() if handled else contextlib.nullcontext():
+        with pytest.raises(KeyboardInterrupt):
+            _run(study, folds, protocol, tmp_path, "random", 4, progress=sink)
+    return study
+
+
 def test_a_swallowed_interrupt_starts_no_other_keras_tuner_trial(
     tiny_dataset: Dataset, tmp_path: Path
 ) -> None:
-    """Lost between two trials (in KerasTuner's bookkeeping or ours), a stop request still
-    ends the search before KerasTuner creates the next trial."""
-    protocol = SearchProtocol(epochs=1)
-    folds = make_folds(tiny_dataset, protocol)
-    study = _open(tmp_path, "kt-stop", protocol)
+    """Lost between two trials (here in our recording of one), a stop request still ends the
+    search before KerasTuner creates the next trial."""
     sink = _Sink(on_recorded=_swallowed_sigterm)
-    with stop.handled_here(), pytest.raises(KeyboardInterrupt):
-        _run(study, folds, protocol, tmp_path, "random", 4, progress=sink)
+    study = _interrupted(tiny_dataset, tmp_path, "kt-stop", sink, handled=True)
     assert sink.started == [0]
     assert [t.state for t in study.get_trials()] == [TrialState.COMPLETE]
 
@@ -407,17 +418,14 @@ def test_ctrl_c_turned_into_system_error_in_a_fit_stops_the_keras_tuner_search(
     """KerasTuner counts any Exception as a failed trial and goes on: a Ctrl-C that C code
     turned into a SystemError must stop the search, its trial recorded as interrupted; the
     next run retries that trial."""
-    protocol = SearchProtocol(epochs=1)
-    folds = make_folds(tiny_dataset, protocol)
-    study = _open(tmp_path, "kt-system-error", protocol)
     sink = _Sink(on_batch=_system_error)
-    with pytest.raises(KeyboardInterrupt):
-        _run(study, folds, protocol, tmp_path, "random", 4, progress=sink)
+    study = _interrupted(tiny_dataset, tmp_path, "kt-system-error", sink)
     assert sink.started == [0]
     (t,) = study.get_trials()
     assert t.state == TrialState.FAIL and t.user_attrs["fail_reason"] == "interrupted (Ctrl-C)"
 
-    _run(study, folds, protocol, tmp_path, "random", 2)
+    protocol = SearchProtocol(epochs=1)
+    _run(study, make_folds(tiny_dataset, protocol), protocol, tmp_path, "random", 2)
     trials = study.get_trials()
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
     # KerasTuner re-runs the trial it had in flight; the study keeps the interrupted attempt.
@@ -430,11 +438,7 @@ def test_ctrl_c_turned_into_system_error_between_trials_is_ctrl_c(
 ) -> None:
     """Raised after a trial was recorded (our bookkeeping, KerasTuner's), it would otherwise
     leave the search as a bare SystemError: a traceback, not Ctrl-C's exit."""
-    protocol = SearchProtocol(epochs=1)
-    folds = make_folds(tiny_dataset, protocol)
-    study = _open(tmp_path, "kt-system-error-between", protocol)
     sink = _Sink(on_recorded=_system_error)
-    with pytest.raises(KeyboardInterrupt):
-        _run(study, folds, protocol, tmp_path, "random", 4, progress=sink)
+    study = _interrupted(tiny_dataset, tmp_path, "kt-system-error-between", sink)
     assert sink.started == [0]
     assert [t.state for t in study.get_trials()] == [TrialState.COMPLETE]
